@@ -1,0 +1,130 @@
+"""TeleChat chat format (spec section 4) and multi-turn chat, whole or streamed."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .generate import generate_tokens, resolve_params
+from .tokenizer import StreamDecoder, Tokenizer
+
+_ROLES = {"user": "user", "bot": "bot", "assistant": "bot", "system": "system"}
+
+
+def normalize_history(history: list[dict] | None) -> list[dict]:
+    """Validate a history list and map roles to "user"/"bot" ("assistant" is accepted for "bot")."""
+    out = []
+    for i, msg in enumerate(history or []):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"history[{i}] must be a dict with 'role' and 'content', got {msg!r}")
+        role = _ROLES.get(msg["role"])
+        if role is None:
+            raise ValueError(f"history[{i}]: unknown role {msg['role']!r} (expected user, bot or assistant)")
+        if role == "system" and i != 0:
+            raise ValueError(f"history[{i}]: a system message may only come first")
+        out.append({"role": role, "content": str(msg["content"])})
+    return out
+
+
+def _require(tokenizer: Tokenizer, name: str) -> int:
+    i = getattr(tokenizer, name)
+    if i is None:
+        raise ValueError(f"the tokenizer has no {name.removesuffix('_id')} token: the TeleChat chat format needs "
+                         "<_user>, <_bot> and <_end>")
+    return i
+
+
+def build_chat_ids(tokenizer: Tokenizer, question: str, history: list[dict] | None = None,
+                   max_length: int | None = None) -> list[int]:
+    """`<_user> q1 <_bot> a1 <_end> ... <_user> qn <_bot>` as ids, each text segment tokenized alone.
+
+    With `max_length`, the newest question is kept (left-truncated if it alone is too long) and as
+    many of the newest history turns as fit in front of it.
+    """
+    user, bot, end = _require(tokenizer, "user_id"), _require(tokenizer, "bot_id"), _require(tokenizer, "eos_id")
+    history = normalize_history(history)
+    system: list[int] = []
+    if history and history[0]["role"] == "system":
+        if tokenizer.system_id is None:
+            raise ValueError("this tokenizer has no <_system> token, so the chat cannot carry a system message")
+        system = [tokenizer.system_id] + tokenizer.encode(history.pop(0)["content"])
+    q = tokenizer.encode(question)
+    if max_length is not None:
+        if max_length < 3:
+            raise ValueError(f"max_length {max_length} cannot hold even an empty question (needs >= 3)")
+        q = q[-(max_length - 2):] if max_length > 2 else []
+    prompt = [user, *q, bot]
+    # Group history into turns (a user message and the bot answer after it) and add newest first.
+    turns: list[list[int]] = []
+    for msg in history:
+        ids = [user, *tokenizer.encode(msg["content"])] if msg["role"] == "user" else \
+              [bot, *tokenizer.encode(msg["content"]), end]
+        if msg["role"] == "user" or not turns:
+            turns.append(ids)
+        else:
+            turns[-1] = turns[-1] + ids
+    kept: list[int] = []
+    for turn in reversed(turns):
+        if max_length is not None and len(system) + len(turn) + len(kept) + len(prompt) > max_length:
+            break
+        kept = turn + kept
+    if max_length is not None and len(system) + len(kept) + len(prompt) > max_length:
+        system = []
+    return system + kept + prompt
+
+
+def _gen_defaults(model, generation_config) -> dict:
+    defaults = dict(getattr(model, "generation_config", {}) or {})
+    if generation_config is not None:
+        gc = generation_config if isinstance(generation_config, dict) else (
+            generation_config.to_dict() if hasattr(generation_config, "to_dict") else vars(generation_config))
+        defaults.update({k: v for k, v in gc.items() if v is not None})
+    return defaults
+
+
+def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] | None = None,
+                generation_config=None, **kwargs) -> Iterator[str]:
+    """Yield text increments of the answer; the history list is extended when the stream ends."""
+    history_list = history if history is not None else []
+    defaults = _gen_defaults(model, generation_config)
+    context = int(defaults.get("max_length") or model.config.seq_length)
+    max_new = kwargs.pop("max_new_tokens", None) or defaults.get("max_new_tokens")
+    reserve = int(max_new) if max_new else min(1024, context // 2)
+    ids = build_chat_ids(tokenizer, question, history_list, max_length=max(3, context - reserve))
+    if not max_new:
+        max_new = max(1, context - len(ids))
+    defaults.setdefault("user_token_id", tokenizer.user_id)
+    defaults.setdefault("eos_token_id", tokenizer.eos_id)
+    params = resolve_params(defaults, model.config.vocab_size, max_new_tokens=int(max_new), **kwargs)
+    device = model.lm_head.weight.device
+    decoder = StreamDecoder(tokenizer)
+    stops = set(params.stop_ids)
+    for tok in generate_tokens(model, torch.tensor([ids], device=device), params):
+        t = int(tok[0])
+        if t in stops:
+            break
+        delta = decoder.push(t)
+        if delta:
+            yield delta
+    tail = decoder.flush()
+    if tail:
+        yield tail
+    history_list.append({"role": "user", "content": question})
+    history_list.append({"role": "bot", "content": decoder.text})
+
+
+def chat(model, tokenizer: Tokenizer, question: str, history: list[dict] | None = None, generation_config=None,
+         stream: bool = False, **kwargs):
+    """`(answer, history)`, or with `stream=True` an iterator of text increments.
+
+    `history` is extended in place (a new list when None) with the question and the answer.
+    """
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer: this checkpoint folder has none")
+    if history is None:
+        history = []
+    it = stream_chat(model, tokenizer, question, history, generation_config, **kwargs)
+    if stream:
+        return it
+    answer = "".join(it)
+    return answer, history

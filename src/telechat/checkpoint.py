@@ -1,0 +1,197 @@
+"""Reading and writing checkpoints in the official TeleChat layout.
+
+Keys are the published ones, with or without the `transformer.` prefix (the 7B drops it);
+shards are `pytorch_model*.bin` (+ index) or `model*.safetensors` (+ index).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, TeleChatConfig
+from .model import TeleChat
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# Buffers some published checkpoints carry that are recomputed, not loaded.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded as asked; the message names the problem."""
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_internal_key(key: str) -> str:
+    """Official key (with or without `transformer.`) -> our state_dict key."""
+    if key.startswith("transformer.") or key.startswith("lm_head."):
+        return key
+    return "transformer." + key
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in index order."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: unreadable weight index ({e!r})") from None
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                raise CheckpointError(f"{index}: shard file(s) missing from {path}: {', '.join(missing)}")
+            return [path / f for f in files]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return [path / name]
+    found = sorted(p.name for p in path.glob("*.safetensors")) + sorted(p.name for p in path.glob("*.bin"))
+    if found:
+        return [path / f for f in found]
+    raise CheckpointError(f"{path}: no weights found (expected model.safetensors, pytorch_model.bin or an index)")
+
+
+def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of one weight file; a shard is read lazily and dropped when done."""
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+            return
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated, corrupt, or not a weights file at all
+        raise CheckpointError(f"{file}: unreadable or truncated weight file ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{file}: expected a state dict, found {type(sd).__name__}")
+    for key in list(sd):
+        yield key, sd.pop(key)
+
+
+def _first_float_dtype(files: list[Path]) -> torch.dtype:
+    f = files[0]
+    if f.suffix == ".safetensors":
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                dt = parse_dtype({"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
+                    sf.get_slice(key).get_dtype(), None))
+                if dt is not None:
+                    return dt
+    else:
+        for _, t in iter_tensors(f):
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float32
+
+
+def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfig | None = None) -> TeleChat:
+    """Build the model of a checkpoint folder and fill it shard by shard (peak memory ~ model + one shard)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder")
+    try:
+        config = config or TeleChatConfig.from_json(path / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    files = weight_files(path)
+    dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype) or _first_float_dtype(files)
+    with torch.device("meta"):
+        model = TeleChat(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.word_embeddings.weight
+    params = model.state_dict(keep_vars=True)
+    if config.tie_word_embeddings:
+        params.pop("lm_head.weight")
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    with torch.no_grad():
+        for file in files:
+            for key, tensor in iter_tensors(file):
+                name = to_internal_key(key)
+                if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    continue
+                target = params.get(name)
+                if target is None:
+                    unexpected.append(f"{key} ({file.name})")
+                    continue
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise CheckpointError(f"{file}: shape mismatch for {key}: expected {tuple(target.shape)} "
+                                          f"from config.json, found {tuple(tensor.shape)}")
+                target.data.copy_(tensor)
+                seen.add(name)
+    missing = [k for k in params if k not in seen]
+    if missing or unexpected:
+        msg = [f"{path}: checkpoint does not match config.json"]
+        if missing:
+            msg.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            msg.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        raise CheckpointError("; ".join(msg))
+    config.torch_dtype = dtype_name(dtype)
+    return model.eval()
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+    return ", ".join(keys[:limit]) + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def save_model(model: TeleChat, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
+    """Write safetensors shards (+ index when several) and config.json in the official key layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t.detach().to("cpu").contiguous()
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for stale in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
+        if stale.exists() and stale.name not in names:
+            stale.unlink()
+    for name, shard in zip(names, shards):
+        tmp = path / (name + ".tmp")
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path / name)
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    model.config.torch_dtype = dtype_name(next(iter(sd.values())).dtype)
+    model.config.save(path / "config.json")
+    return [path / name for name in names]

@@ -1,0 +1,186 @@
+"""TeleChat model configuration, read from and written to the official `config.json` field names."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Field aliases found in published and transformers-style configs -> our field.
+_ALIASES = {
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "intermediate_size": "ffn_hidden_size",
+    "rms_norm_eps": "layer_norm_epsilon",
+}
+TELECHAT_7B_VOCAB = 160256
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a TeleChat model."""
+
+
+@dataclass
+class TeleChatConfig:
+    vocab_size: int = 120000
+    hidden_size: int = 5120
+    n_layer: int = 38
+    n_head: int = 32
+    ffn_hidden_size: int = 12288
+    layer_norm_epsilon: float = 1e-5
+    training_seqlen: int = 8192
+    seq_length: int = 8192
+    base_seqlen: int | None = None
+    tie_word_embeddings: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    embed_layernorm: bool = False
+    rope_theta: float = 10000.0
+    num_key_value_heads: int | None = None
+    # Imported (non-TeleChat) models may carry no biases on dense/down_proj; TeleChat always does.
+    bias: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 3
+    unk_token_id: int | None = 0
+    torch_dtype: str | None = None
+    # Every other field of the original config.json, written back unchanged on save.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.hidden_size % self.n_head:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
+        if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head {self.n_head} is not divisible by num_key_value_heads {self.num_key_value_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+    @property
+    def n_kv_head(self) -> int:
+        return self.num_key_value_heads or self.n_head
+
+    @property
+    def rope_base_seqlen(self) -> int:
+        """B of the NTK rule: `base_seqlen`, else 4096 for the 7B family and 8192 otherwise."""
+        if self.base_seqlen:
+            return self.base_seqlen
+        return 4096 if self.vocab_size == TELECHAT_7B_VOCAB else 8192
+
+    def rope_scaling(self, total_len: int) -> tuple[float, float]:
+        """(rope base, mscale) for a sequence whose total length (past + current) is `total_len`."""
+        length = max(total_len, self.training_seqlen)
+        alpha = max(1, 2 ** math.ceil(math.log2(length / self.rope_base_seqlen) + 1) - 1)
+        d = self.head_dim
+        base = self.rope_theta * alpha ** (d / (d - 2))
+        mscale = 1.0 if length <= self.training_seqlen else 0.1 * math.log(length / self.training_seqlen) + 1.0
+        return base, mscale
+
+    def num_parameters(self) -> int:
+        H, F, V, L = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.n_layer
+        kv = 2 * self.n_kv_head * self.head_dim
+        per_layer = H * H + kv * H + H * H + 3 * H * F + 2 * H + (2 * H if self.bias else 0)
+        return V * H * (1 if self.tie_word_embeddings else 2) + L * per_layer + H
+
+    # ---- official config.json ------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TeleChatConfig":
+        d = dict(d)
+        for alias, name in _ALIASES.items():
+            if alias in d and name not in d:
+                d[name] = d[alias]
+        model_type = d.get("model_type", "telechat")
+        if model_type != "telechat":
+            raise ConfigError(f"unknown model_type {model_type!r}: expected 'telechat'")
+        own = {f.name for f in fields(cls)} - {"extra"}
+        missing = [k for k in ("vocab_size", "hidden_size", "n_layer", "n_head") if k not in d]
+        if missing:
+            raise ConfigError(f"config is missing required field(s): {', '.join(missing)}")
+        kwargs = {k: d[k] for k in own if d.get(k) is not None}
+        if "ffn_hidden_size" not in d:
+            kwargs["ffn_hidden_size"] = d.get("n_inner") or 4 * d["hidden_size"]
+        # A config.json without tie_word_embeddings means tied (the 7B case).
+        kwargs["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", True))
+        if "seq_length" not in d and "training_seqlen" in d:
+            kwargs["seq_length"] = d["training_seqlen"]
+        if "training_seqlen" not in d:
+            kwargs["training_seqlen"] = d.get("seq_length", 8192)
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        extra = {k: v for k, v in d.items() if k not in own and k not in _ALIASES}
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        for f in fields(self):
+            if f.name in ("extra",):
+                continue
+            v = getattr(self, f.name)
+            if f.name in ("base_seqlen", "num_key_value_heads", "torch_dtype") and v is None:
+                continue
+            if f.name == "rope_theta" and v == 10000.0 and "rope_theta" not in self.extra:
+                continue
+            if f.name == "bias" and v:
+                continue
+            out[f.name] = v
+        out["model_type"] = "telechat"
+        out.setdefault("architectures", ["TelechatForCausalLM"])
+        # transformers reads these aliases (generate caches, num_parameters, ...).
+        out["num_hidden_layers"] = self.n_layer
+        out["num_attention_heads"] = self.n_head
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TeleChatConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json in this folder") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _preset(**kw) -> dict[str, Any]:
+    return kw
+
+
+# Published sizes (spec section 1) and small ones for tests and benchmarks.
+PRESETS: dict[str, dict[str, Any]] = {
+    "1B": _preset(vocab_size=120000, hidden_size=2048, n_layer=16, n_head=32, ffn_hidden_size=5460,
+                  tie_word_embeddings=False, torch_dtype="bfloat16"),
+    "7B": _preset(vocab_size=TELECHAT_7B_VOCAB, hidden_size=4096, n_layer=30, n_head=32, ffn_hidden_size=12288,
+                  tie_word_embeddings=True, pad_token_id=3, bos_token_id=160132, eos_token_id=160133,
+                  torch_dtype="float16"),
+    "12B": _preset(vocab_size=120000, hidden_size=5120, n_layer=38, n_head=32, ffn_hidden_size=12288,
+                   tie_word_embeddings=False, torch_dtype="float16"),
+    "12B-V2": _preset(vocab_size=120000, hidden_size=5120, n_layer=38, n_head=32, ffn_hidden_size=12288,
+                      tie_word_embeddings=False, torch_dtype="float16"),
+    "tiny": _preset(vocab_size=512, hidden_size=64, n_layer=2, n_head=4, ffn_hidden_size=176,
+                    training_seqlen=32, seq_length=32, base_seqlen=32, tie_word_embeddings=False),
+    "small": _preset(vocab_size=4096, hidden_size=256, n_layer=4, n_head=8, ffn_hidden_size=704,
+                     training_seqlen=512, seq_length=512, tie_word_embeddings=True),
+    "100M": _preset(vocab_size=32000, hidden_size=768, n_layer=12, n_head=12, ffn_hidden_size=2048,
+                    training_seqlen=2048, seq_length=2048, tie_word_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> TeleChatConfig:
+    """A named preset (`1B`, `7B`, `12B`, `12B-V2`, `tiny`, `small`, `100M`) with optional overrides."""
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
+    d = {**base, **overrides}
+    d.setdefault("training_seqlen", 8192)
+    d.setdefault("seq_length", d["training_seqlen"])
+    return TeleChatConfig(**d)

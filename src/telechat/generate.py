@@ -1,0 +1,158 @@
+"""Autoregressive decoding with a preallocated KV cache: greedy and sampled, batched, streaming."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .model import TeleChat, rope_cos_sin
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_ids: list[int] = field(default_factory=list)
+    pad_id: int = 0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def resolve_params(defaults: dict, vocab_size: int, **overrides) -> SamplingParams:
+    """SamplingParams from generation_config-style `defaults` and call-site overrides (None = default).
+
+    `eos_token_id` (int or list) overrides the stop ids; ids outside the vocabulary (e.g. -1) are
+    dropped, so `eos_token_id=-1` disables stopping.
+    """
+    merged = {k: v for k, v in defaults.items() if v is not None}
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    eos = overrides.get("eos_token_id")
+    if eos is None:
+        stops = merged.get("stop_ids")
+        if stops is None:
+            stops = [merged.get("eos_token_id"), merged.get("user_token_id")]
+    else:
+        stops = eos
+    stops = [stops] if isinstance(stops, int) else list(stops)
+    names = {f.name for f in fields(SamplingParams)}
+    kw = {k: v for k, v in merged.items() if k in names and k not in ("stop_ids", "pad_id")}
+    if "max_new_tokens" not in kw and merged.get("max_length"):
+        kw["max_new_tokens"] = int(merged["max_length"])
+    pad = merged.get("pad_token_id", merged.get("pad_id"))
+    return SamplingParams(
+        **kw,
+        stop_ids=sorted({int(i) for i in stops if i is not None and 0 <= int(i) < vocab_size}),
+        pad_id=int(pad) if pad is not None else 0,
+    )
+
+
+def process_logits(logits: Tensor, tokens: Tensor, p: SamplingParams) -> Tensor:
+    """Repetition penalty (over `tokens`), then temperature / top-k / top-p when sampling. fp32 in and out."""
+    if p.repetition_penalty != 1.0:
+        scores = logits.gather(1, tokens)
+        scores = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+        logits = logits.scatter(1, tokens, scores)
+    if not p.do_sample:
+        return logits
+    if p.temperature != 1.0:
+        logits = logits / p.temperature
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already cover top_p (the first one always stays).
+        drop = probs.cumsum(-1) - probs > p.top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def next_token(logits: Tensor, p: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    if not p.do_sample:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _decode_step(model: TeleChat, token: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor,
+                 attention_mask: Tensor | None, kv_len: int) -> Tensor:
+    return model(token, input_pos=input_pos, attention_mask=attention_mask, last_only=True,
+                 kv_len=kv_len, rope=(cos, sin))[:, -1].float()
+
+
+_compiled_steps: dict = {}
+
+
+def compiled_decode_step():
+    """`_decode_step` under torch.compile (one compile per process, dynamic cache length)."""
+    if "step" not in _compiled_steps:
+        _compiled_steps["step"] = torch.compile(_decode_step, dynamic=True)
+    return _compiled_steps["step"]
+
+
+@torch.inference_mode()
+def generate_tokens(model: TeleChat, input_ids: Tensor, p: SamplingParams, attention_mask: Tensor | None = None,
+                    compile: bool = False) -> Iterator[Tensor]:
+    """Yield the next token of every row [B] at each step; rows that stopped yield `p.pad_id`.
+
+    The stop token itself is yielded; the iterator ends when every row has stopped or after
+    `p.max_new_tokens` steps.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    total = T + p.max_new_tokens
+    if p.max_new_tokens == 0:
+        return
+    shape = model.cache_shape
+    if shape is None or shape[0] != B or shape[1] < total:
+        model.setup_cache(B, max(total, 16))
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.to(device).bool(),
+                                    attention_mask.new_ones(B, p.max_new_tokens, dtype=torch.bool)], dim=1)
+    generator = None
+    if p.do_sample and p.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(p.seed))
+    stops = torch.tensor(p.stop_ids, device=device, dtype=torch.long)
+    tokens = torch.empty(B, total, dtype=torch.long, device=device)
+    tokens[:, :T] = input_ids
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step = compiled_decode_step() if compile else _decode_step
+
+    logits = model(input_ids, input_pos=torch.arange(T, device=device), attention_mask=attention_mask,
+                   last_only=True)[:, -1].float()
+    for i in range(p.max_new_tokens):
+        pos = T + i
+        nxt = next_token(process_logits(logits, tokens[:, :pos], p), p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, p.pad_id), nxt)
+        tokens[:, pos] = nxt
+        yield nxt
+        done |= torch.isin(nxt, stops)
+        if bool(done.all()) or i == p.max_new_tokens - 1:
+            return
+        input_pos = torch.tensor([pos], device=device)
+        cos, sin = rope_cos_sin(model.config, input_pos, pos + 1)
+        logits = step(model, nxt[:, None], input_pos, cos, sin, attention_mask, pos + 1)
+
+
+def generate(model: TeleChat, input_ids: Tensor, p: SamplingParams, attention_mask: Tensor | None = None,
+             compile: bool = False) -> Tensor:
+    """Prompt plus generated tokens, [B, T + n]; rows that stopped early are padded with `p.pad_id`."""
+    out = [t[:, None] for t in generate_tokens(model, input_ids, p, attention_mask, compile)]
+    return torch.cat([input_ids, *out], dim=1) if out else input_ids.clone()

@@ -1,0 +1,170 @@
+"""`telechat.load(path) -> LLM`: a model, its tokenizer and its generation defaults in one object."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import chat as _chat
+from .checkpoint import CheckpointError, dtype_name, load_model, save_model
+from .config import TeleChatConfig, preset
+from .generate import SamplingParams, generate, generate_tokens, resolve_params
+from .model import TeleChat
+from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+
+_GEN_KEYS = ("max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+             "pad_token_id", "bos_token_id", "eos_token_id", "user_token_id", "bot_token_id")
+
+
+def default_generation_config(config: TeleChatConfig, tokenizer: Tokenizer | None) -> dict:
+    gen = {"max_length": config.seq_length, "do_sample": False, "pad_token_id": config.pad_token_id,
+           "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    if tokenizer is not None:
+        for key, attr in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id"),
+                          ("user_token_id", "user_id"), ("bot_token_id", "bot_id")):
+            if getattr(tokenizer, attr) is not None:
+                gen[key] = getattr(tokenizer, attr)
+    return gen
+
+
+class LLM:
+    """A loaded model: `.model` (nn.Module), `.tokenizer` (or None), `.generation_config` (dict)."""
+
+    def __init__(self, model: TeleChat, tokenizer: Tokenizer | None = None, generation_config: dict | None = None,
+                 path: str | Path | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation_config = dict(generation_config or default_generation_config(model.config, tokenizer))
+        model.generation_config = self.generation_config
+        self.path = Path(path) if path is not None else None
+
+    @property
+    def config(self) -> TeleChatConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def chat_format(self) -> str:
+        t = self.tokenizer
+        return "telechat" if t is not None and t.user_id is not None and t.bot_id is not None else "none"
+
+    def sampling_params(self, **kwargs) -> SamplingParams:
+        return resolve_params(self.generation_config, self.config.vocab_size, **kwargs)
+
+    def generate(self, input_ids, max_new_tokens: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
+                 seed: int | None = None, attention_mask: Tensor | None = None, compile: bool = False) -> Tensor:
+        """Greedy or sampled continuation of `input_ids` [B, T] (or one list of ids) -> [B, T + n].
+
+        Unset arguments come from generation_config.json. A row stops at a stop id (the
+        checkpoint's `<_end>` and `<_user>` unless `eos_token_id` is given; -1 disables stopping)
+        and is padded after it. `attention_mask` [B, T] marks left padding with 0.
+        `compile=True` runs the decode step under torch.compile.
+        """
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if max_new_tokens is None:
+            max_new_tokens = max(1, int(self.generation_config.get("max_length") or self.config.seq_length) - ids.shape[1])
+        p = self.sampling_params(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                 eos_token_id=eos_token_id, seed=seed)
+        return generate(self.model, ids.to(self.device), p, attention_mask, compile=compile)
+
+    def stream(self, input_ids, compile: bool = False, **kwargs):
+        """Like generate, yielding the next token of each row [B] as it is produced."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        kwargs.setdefault("max_new_tokens", 256)
+        return generate_tokens(self.model, ids.to(self.device), self.sampling_params(**kwargs), compile=compile)
+
+    def chat(self, question: str, history: list[dict] | None = None, stream: bool = False, **generation_kwargs):
+        """`(answer, history)`; with `stream=True`, an iterator of text increments (history is
+        extended when it is exhausted). History: [{"role": "user"|"bot"|"assistant", "content": str}]."""
+        return _chat.chat(self.model, self.tokenizer, question, history, stream=stream, **generation_kwargs)
+
+    def encode_chat(self, question: str, history: list[dict] | None = None, max_length: int | None = None) -> list[int]:
+        return _chat.build_chat_ids(self.tokenizer, question, history, max_length)
+
+    def save(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+        """Write an official-layout folder (safetensors, config.json, generation_config.json, tokenizer)."""
+        path = Path(path)
+        save_model(self.model, path, max_shard_bytes)
+        (path / "generation_config.json").write_text(json.dumps(self.generation_config, indent=2) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.save(path)
+        return path
+
+    def info(self) -> dict:
+        c = self.config
+        return {
+            "path": str(self.path) if self.path else None,
+            "layers": c.n_layer, "hidden_size": c.hidden_size, "heads": c.n_head, "kv_heads": c.n_kv_head,
+            "head_dim": c.head_dim, "ffn_hidden_size": c.ffn_hidden_size, "vocab_size": c.vocab_size,
+            "tied_embeddings": c.tie_word_embeddings, "context": c.seq_length, "training_seqlen": c.training_seqlen,
+            "rope_base_seqlen": c.rope_base_seqlen, "rope_theta": c.rope_theta,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "dtype": dtype_name(self.dtype), "device": str(self.device), "chat_format": self.chat_format,
+            "tokenizer": repr(self.tokenizer) if self.tokenizer else None,
+        }
+
+    def __repr__(self) -> str:
+        return f"LLM({self.path or 'in-memory'}, {self.info()['parameters'] / 1e6:.1f}M params, {dtype_name(self.dtype)})"
+
+
+def _read_generation_config(path: Path) -> dict | None:
+    f = path / "generation_config.json"
+    if not f.exists():
+        return None
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    return {k: v for k, v in d.items() if k in _GEN_KEYS or k.endswith("_token_id") or k == "max_new_tokens"}
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype=None) -> LLM:
+    """Load a TeleChat checkpoint folder (official layout: .bin or safetensors, sharded or not).
+
+    dtype None keeps the checkpoint's own; "float32", "bfloat16", "float16" or a torch dtype
+    converts while loading. A folder without tokenizer files gives `llm.tokenizer` None.
+    """
+    path = Path(path).expanduser()
+    model = load_model(path, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
+    gen = default_generation_config(model.config, tokenizer)
+    gen.update(_read_generation_config(path) or {})
+    return LLM(model, tokenizer, gen, path)
+
+
+def from_preset(name: str, device="cpu", dtype=torch.float32, seed: int = 0, tokenizer: Tokenizer | None = None,
+                **overrides) -> LLM:
+    """A randomly initialised model of a named size (for tests, benchmarks and pre-training)."""
+    config = preset(name, **overrides)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = TeleChat(config)
+    init_weights(model)
+    return LLM(model.to(dtype=dtype).eval(), tokenizer)
+
+
+def init_weights(model: TeleChat, std: float = 0.02) -> None:
+    """Normal(0, std) linears and embeddings, zero biases, unit norms."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.Embedding):
+            torch.nn.init.normal_(m.weight, std=std)

@@ -1,0 +1,209 @@
+"""The TeleChat decoder: RMSNorm, rotary attention with NTK + mscale length scaling, SwiGLU.
+
+Module names follow the official checkpoint, so `state_dict()` keys are the published keys
+(`transformer.h.{i}.self_attention.key_value.weight`, ...).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import TeleChatConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_cos_sin(config: TeleChatConfig, positions: Tensor, total_len: int) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [..., T, head_dim] in fp32 for `positions`, scaled for a sequence of `total_len`."""
+    base, mscale = config.rope_scaling(total_len)
+    d = config.head_dim
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
+    theta = positions.float()[..., None] * inv_freq
+    emb = torch.cat((theta, theta), dim=-1)
+    return emb.cos() * mscale, emb.sin() * mscale
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values [B, n_kv, max_len, d]: decoding writes in place, never reallocates."""
+
+    def __init__(self, batch_size: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TeleChatConfig):
+        super().__init__()
+        H, d = config.hidden_size, config.head_dim
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_kv_head, d
+        self.query = nn.Linear(H, self.n_head * d, bias=False)
+        # Rows interleaved per KV head: [K_h (d rows), V_h (d rows)] for each head h.
+        self.key_value = nn.Linear(H, 2 * self.n_kv * d, bias=False)
+        self.dense = nn.Linear(self.n_head * d, H, bias=config.bias)
+        self.dropout = config.attention_dropout
+        self.cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                input_pos: Tensor | None, kv_len: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = self.key_value(x).view(B, T, self.n_kv, 2, self.head_dim).unbind(3)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None and input_pos is not None:
+            k, v = self.cache.update(input_pos, k, v)
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        gqa = {"enable_gqa": True} if self.n_kv != self.n_head else {}
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, **gqa)
+        return self.dense(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TeleChatConfig):
+        super().__init__()
+        H, Fd = config.hidden_size, config.ffn_hidden_size
+        self.gate_proj = nn.Linear(H, Fd, bias=False)
+        self.up_proj = nn.Linear(H, Fd, bias=False)
+        self.down_proj = nn.Linear(Fd, H, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TeleChatConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.self_attention = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+        self.dropout = config.hidden_dropout
+
+    def forward(self, h, cos, sin, mask, input_pos, kv_len):
+        a = self.self_attention(self.input_layernorm(h), cos, sin, mask, input_pos, kv_len)
+        h = h + F.dropout(a, self.dropout, self.training)
+        m = self.mlp(self.post_attention_layernorm(h))
+        return h + F.dropout(m, self.dropout, self.training)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TeleChatConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.embed_layernorm:
+            self.word_embeddings_layernorm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+
+class TeleChat(nn.Module):
+    """TelechatForCausalLM. `model(input_ids)` returns logits [B, T, V]."""
+
+    def __init__(self, config: TeleChatConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.word_embeddings.weight
+        self.gradient_checkpointing = False
+        self.generation_config: dict = {}  # filled by the loader; used by `chat`
+
+    # ---- KV cache ----------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
+        p = self.lm_head.weight
+        for block in self.transformer.h:
+            block.self_attention.cache = KVCache(batch_size, self.config.n_kv_head, max_len,
+                                                 self.config.head_dim, dtype or p.dtype, device or p.device)
+
+    def clear_cache(self) -> None:
+        for block in self.transformer.h:
+            block.self_attention.cache = None
+
+    @property
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(batch_size, max_len) of the allocated cache, or None."""
+        c = self.transformer.h[0].self_attention.cache
+        return None if c is None else (c.k.shape[0], c.k.shape[2])
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, attention_mask: Tensor | None = None,
+                last_only: bool = False, kv_len: int | None = None,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Logits for `input_ids` [B, T].
+
+        input_pos: positions [T] of these tokens; with a cache set up, keys/values are written
+            there and attention covers cache positions 0..kv_len-1 (default input_pos[-1] + 1).
+        attention_mask: [B, >= kv_len] with 0 on (left) padding, over all positions seen so far.
+        last_only: return logits of the last position only ([B, 1, V]), as generation needs.
+        rope: precomputed (cos, sin) for these positions (lets a compiled step avoid recompiles).
+        """
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos, kv_len, cached = torch.arange(T, device=input_ids.device), T, None
+        else:
+            kv_len = kv_len or int(input_pos[-1]) + 1
+            cached = input_pos
+        cos, sin = rope if rope is not None else rope_cos_sin(self.config, input_pos, kv_len)
+        h = self.transformer.word_embeddings(input_ids)
+        if self.config.embed_layernorm:
+            h = self.transformer.word_embeddings_layernorm(h)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        mask = build_mask(input_pos, kv_len, attention_mask)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cached, kv_len, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, mask, cached, kv_len)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.transformer.ln_f(h))
+
+    def chat(self, tokenizer, question: str, history=None, generation_config=None, stream: bool = False, **kwargs):
+        """The published calling convention: `model.chat(tokenizer, question, history, generation_config)`."""
+        from .chat import chat
+
+        return chat(self, tokenizer, question, history, generation_config=generation_config, stream=stream, **kwargs)
+
+
+def build_mask(input_pos: Tensor, kv_len: int, attention_mask: Tensor | None) -> Tensor | None:
+    """Boolean [B|1, 1, T, kv_len] mask, or None when plain causal attention (or none) is exact."""
+    T = input_pos.shape[0]
+    if attention_mask is None and (T == 1 or T == kv_len):
+        return None
+    keys = torch.arange(kv_len, device=input_pos.device)
+    mask = keys[None, :] <= input_pos[:, None]  # causal, [T, kv_len]
+    if attention_mask is not None:
+        # Padding keys are hidden; a key always sees itself so padded rows never go all -inf.
+        mask = (mask & attention_mask[:, None, :kv_len].bool()) | (keys[None, :] == input_pos[:, None])
+        return mask[:, None]
+    return mask[None, None]
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Plain shifted cross-entropy (the model's own training loss)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index)
