@@ -83,8 +83,12 @@ def _gen_defaults(model, generation_config) -> dict:
 
 
 def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] | None = None,
-                generation_config=None, **kwargs) -> Iterator[str]:
-    """Yield text increments of the answer; the history list is extended when the stream ends."""
+                generation_config=None, compile: bool = False, **kwargs) -> Iterator[str]:
+    """Yield text increments of the answer; the history list is extended when the stream ends.
+
+    kwargs are sampling settings (max_new_tokens, do_sample, temperature, top_k, top_p,
+    repetition_penalty, eos_token_id, seed); unset ones come from the generation config.
+    """
     history_list = history if history is not None else []
     defaults = _gen_defaults(model, generation_config)
     context = int(defaults.get("max_length") or model.config.seq_length)
@@ -95,11 +99,14 @@ def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] 
         max_new = max(1, context - len(ids))
     defaults.setdefault("user_token_id", tokenizer.user_id)
     defaults.setdefault("eos_token_id", tokenizer.eos_id)
+    unknown = set(kwargs) - {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "seed"}
+    if unknown:
+        raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
     params = resolve_params(defaults, model.config.vocab_size, max_new_tokens=int(max_new), **kwargs)
     device = model.lm_head.weight.device
     decoder = StreamDecoder(tokenizer)
     stops = set(params.stop_ids)
-    for tok in generate_tokens(model, torch.tensor([ids], device=device), params):
+    for tok in generate_tokens(model, torch.tensor([ids], device=device), params, compile=compile):
         t = int(tok[0])
         if t in stops:
             break

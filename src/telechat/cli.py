@@ -1,0 +1,198 @@
+"""`telechat <verb>`: one command line built from typed functions; their docstrings are the --help."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import sys
+import types
+import typing
+from typing import Any, Callable, Literal
+
+COMMANDS: dict[str, Callable] = {}
+
+
+def command(fn: Callable) -> Callable:
+    COMMANDS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+# ---- verbs ---------------------------------------------------------------------------------------
+@command
+def chat(model: str = "default", prompt: str | None = None, device: str = "cpu", dtype: str | None = None,
+         max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+         top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+         seed: int | None = None, compile: bool = False) -> int:
+    """Chat with a model: interactive and multi-turn with streaming, or one answer with --prompt.
+
+    In the interactive loop, `/clear` forgets the conversation and `/exit` (or Ctrl-D) quits;
+    Ctrl-C stops the answer being written. Unset sampling flags come from the checkpoint's
+    generation_config.json.
+
+    Args:
+        model: checkpoint folder (official TeleChat layout), or "default".
+        prompt: answer this one question, print the answer and exit.
+        device: torch device, e.g. cpu or cuda.
+        dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
+        max_new_tokens: most tokens per answer.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature.
+        top_k: sample among the k most likely tokens (0 = all).
+        top_p: nucleus sampling mass.
+        repetition_penalty: penalty on tokens already in the conversation (1 = none).
+        seed: random seed, for reproducible sampling.
+        compile: run the decode step under torch.compile (faster after a one-off compile).
+    """
+    from . import load
+
+    llm = load(model, device=device, dtype=dtype)
+    if llm.tokenizer is None:
+        raise SystemExit(f"error: {model} has no tokenizer files (tokenizer.model or tokenizer.json), so it cannot chat")
+    gen = {k: v for k, v in dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                 seed=seed).items() if v is not None}
+    if compile:
+        gen["compile"] = True
+    history: list[dict] = []
+    if prompt is not None:
+        for delta in llm.chat(prompt, history, stream=True, **gen):
+            print(delta, end="", flush=True)
+        print()
+        return 0
+    print(f"telechat: {llm.path} ({llm.info()['parameters'] / 1e6:.0f}M parameters, {llm.info()['dtype']}). "
+          "/clear forgets the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            question = input("user> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        q = question.strip()
+        if not q:
+            continue
+        if q in ("/exit", "/quit"):
+            return 0
+        if q == "/clear":
+            history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        print("bot> ", end="", flush=True)
+        turn = list(history)
+        try:
+            for delta in llm.chat(question, turn, stream=True, **gen):
+                print(delta, end="", flush=True)
+            history[:] = turn
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print()
+
+
+@command
+def info(model: str = "default", device: str = "cpu", dtype: str | None = None, json_output: bool = False) -> int:
+    """Describe a checkpoint: sizes, parameter count, dtype, chat format and tokenizer.
+
+    Args:
+        model: checkpoint folder, or "default".
+        device: torch device to load on.
+        dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
+        json_output: print one JSON object instead of a table.
+    """
+    from . import load
+
+    info = load(model, device=device, dtype=dtype).info()
+    if json_output:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:<{width}}  {v}")
+    return 0
+
+
+# ---- argparse from signatures --------------------------------------------------------------------
+def _doc_parts(fn: Callable) -> tuple[str, dict[str, str]]:
+    doc = inspect.getdoc(fn) or ""
+    head, _, args = doc.partition("\nArgs:\n")
+    helps: dict[str, str] = {}
+    name = None
+    for line in args.splitlines():
+        m = re.match(r"^\s{4}(\w+):\s*(.*)$", line)
+        if m:
+            name = m.group(1)
+            helps[name] = m.group(2)
+        elif name and line.strip():
+            helps[name] += " " + line.strip()
+    return head.strip(), helps
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
+    hints = typing.get_type_hints(fn)
+    _, helps = _doc_parts(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        tp = _unwrap_optional(hints.get(name, str))
+        flag = "--" + ("json" if name == "json_output" else name.replace("_", "-"))
+        kw: dict[str, Any] = {"dest": name, "help": helps.get(name, "")}
+        required = param.default is inspect.Parameter.empty
+        if not required:
+            kw["default"] = param.default
+            if param.default not in (None, False, True):
+                kw["help"] += f" (default: {param.default})"
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            kw["choices"] = list(typing.get_args(tp))
+            kw["type"] = type(kw["choices"][0])
+        elif typing.get_origin(tp) is list:
+            kw["nargs"] = "+"
+            kw["type"] = typing.get_args(tp)[0]
+        else:
+            kw["type"] = tp
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            kw.pop("dest")
+            parser.add_argument(name, **kw)
+        else:
+            parser.add_argument(flag, required=required, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="telechat", description="TeleChat models: chat, inspect, and more.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, fn in COMMANDS.items():
+        summary, _ = _doc_parts(fn)
+        p = sub.add_parser(verb, help=summary.splitlines()[0], description=summary,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_arguments(p, fn)
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    fn = args.pop("_fn", None)
+    args.pop("verb", None)
+    if fn is None:
+        parser.print_help()
+        return 2
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .tokenizer import TokenizerError
+
+    try:
+        return fn(**args) or 0
+    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
