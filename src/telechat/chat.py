@@ -82,6 +82,16 @@ def _gen_defaults(model, generation_config) -> dict:
     return defaults
 
 
+_GEN_KWARGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+               "seed", "compile"}
+
+
+def _check_generation_kwargs(kwargs: dict) -> None:
+    unknown = set(kwargs) - _GEN_KWARGS
+    if unknown:
+        raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+
+
 def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] | None = None,
                 generation_config=None, compile: bool = False, **kwargs) -> Iterator[str]:
     """Yield text increments of the answer; the history list is extended when the stream ends.
@@ -92,16 +102,16 @@ def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] 
     history_list = history if history is not None else []
     defaults = _gen_defaults(model, generation_config)
     context = int(defaults.get("max_length") or model.config.seq_length)
-    max_new = kwargs.pop("max_new_tokens", None) or defaults.get("max_new_tokens")
-    reserve = int(max_new) if max_new else min(1024, context // 2)
+    max_new = kwargs.pop("max_new_tokens", None)
+    if max_new is None:
+        max_new = defaults.get("max_new_tokens")
+    reserve = int(max_new) if max_new is not None else min(1024, context // 2)
     ids = build_chat_ids(tokenizer, question, history_list, max_length=max(3, context - reserve))
-    if not max_new:
+    if max_new is None:
         max_new = max(1, context - len(ids))
     defaults.setdefault("user_token_id", tokenizer.user_id)
     defaults.setdefault("eos_token_id", tokenizer.eos_id)
-    unknown = set(kwargs) - {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "seed"}
-    if unknown:
-        raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+    _check_generation_kwargs(kwargs)
     params = resolve_params(defaults, model.config.vocab_size, max_new_tokens=int(max_new), **kwargs)
     device = model.lm_head.weight.device
     decoder = StreamDecoder(tokenizer)
@@ -130,6 +140,7 @@ def chat(model, tokenizer: Tokenizer, question: str, history: list[dict] | None 
         raise ValueError("chat needs a tokenizer: this checkpoint folder has none")
     if history is None:
         history = []
+    _check_generation_kwargs(kwargs)  # now, not at the first next() of a stream
     it = stream_chat(model, tokenizer, question, history, generation_config, **kwargs)
     if stream:
         return it

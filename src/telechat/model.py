@@ -12,6 +12,16 @@ from torch import Tensor, nn
 from .config import TeleChatConfig
 
 
+class Linear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+            # One-row decode: inductor turns this multiply-reduce into a GEMV that streams the weight
+            # on every core (the BLAS matrix-vector path runs on one), ~2x faster on CPU.
+            y = (x.reshape(1, -1) * self.weight).sum(-1).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        return super().forward(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -58,10 +68,10 @@ class Attention(nn.Module):
         super().__init__()
         H, d = config.hidden_size, config.head_dim
         self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_kv_head, d
-        self.query = nn.Linear(H, self.n_head * d, bias=False)
+        self.query = Linear(H, self.n_head * d, bias=False)
         # Rows interleaved per KV head: [K_h (d rows), V_h (d rows)] for each head h.
-        self.key_value = nn.Linear(H, 2 * self.n_kv * d, bias=False)
-        self.dense = nn.Linear(self.n_head * d, H, bias=config.bias)
+        self.key_value = Linear(H, 2 * self.n_kv * d, bias=False)
+        self.dense = Linear(self.n_head * d, H, bias=config.bias)
         self.dropout = config.attention_dropout
         self.cache: KVCache | None = None
 
@@ -86,9 +96,9 @@ class MLP(nn.Module):
     def __init__(self, config: TeleChatConfig):
         super().__init__()
         H, Fd = config.hidden_size, config.ffn_hidden_size
-        self.gate_proj = nn.Linear(H, Fd, bias=False)
-        self.up_proj = nn.Linear(H, Fd, bias=False)
-        self.down_proj = nn.Linear(Fd, H, bias=config.bias)
+        self.gate_proj = Linear(H, Fd, bias=False)
+        self.up_proj = Linear(H, Fd, bias=False)
+        self.down_proj = Linear(Fd, H, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -127,7 +137,7 @@ class TeleChat(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.word_embeddings.weight
         self.gradient_checkpointing = False

@@ -1,0 +1,92 @@
+"""Fixtures the suite builds itself, so it means something without ../shared."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import telechat
+
+SHARED = Path(os.environ.get("TELECHAT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+TEXT = """TeleChat is a bilingual large language model trained on Chinese and English text.
+星辰语义大模型是由中国电信人工智能研究院研发训练的大语言模型。
+The quick brown fox jumps over the lazy dog 12345 times.
+今天天气很好，我们去公园散步吧。你好，世界！北京是中国的首都。
+Large language models generate text one token at a time, using a key value cache.
+人工智能正在改变我们的生活方式，从语音助手到自动驾驶。
+Numbers like 2024 and 3.14159 are split into single digits.
+上海、广州和深圳都是中国的大城市，经济发展很快。
+"""
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test when it is absent."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not available")
+    return p
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> Path:
+    """A small SentencePiece model with TeleChat's special pieces (<_unk> 0, <_start> 1, <_end> 2, <_pad> 3)."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    corpus.write_text(TEXT * 20, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=400, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<_unk>", bos_piece="<_start>", eos_piece="<_end>",
+        pad_piece="<_pad>", user_defined_symbols=["<_user>", "<_bot>", "<_system>"], minloglevel=2)
+    return d / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_json(tmp_path_factory) -> Path:
+    """A small byte-level BPE tokenizer.json in the 7B style (<_user>/<_bot>/<_start>/<_end> as added tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d = tmp_path_factory.mktemp("bpe")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    tok.add_special_tokens(["<_user>", "<_bot>", "<_start>", "<_end>"])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"unk_token": "<unk>", "eos_token": "<_end>", "bos_token": "<_start>", "pad_token": "<pad>",
+         "tokenizer_class": "BloomTokenizerFast", "padding_side": "left"}))
+    return d / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(sp_model) -> telechat.Tokenizer:
+    return telechat.load_tokenizer(sp_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, sp_model) -> Path:
+    """A tiny random TeleChat checkpoint (vocab 512, untied, NTK base_seqlen 32) with the SentencePiece fixture."""
+    tok = telechat.load_tokenizer(sp_model)
+    llm = telechat.from_preset("tiny", seed=0, tokenizer=tok)
+    with torch.no_grad():  # non-zero biases and norms, so they are really exercised
+        for name, p in llm.model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name or "ln_f" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    llm.generation_config.update({"max_length": 32, "repetition_penalty": 1.0})
+    d = tmp_path_factory.mktemp("tiny")
+    llm.save(d)
+    return d
+
+
+@pytest.fixture()
+def tiny(tiny_dir) -> telechat.LLM:
+    return telechat.load(tiny_dir)
