@@ -100,20 +100,28 @@ def _decode_step(model: TeleChat, token: Tensor, input_pos: Tensor, cos: Tensor,
 _compiled_steps: dict = {}
 
 
-def compiled_decode_step():
-    """`_decode_step` under torch.compile (one compile per process, dynamic cache length)."""
-    if "step" not in _compiled_steps:
-        _compiled_steps["step"] = torch.compile(_decode_step, dynamic=True)
-    return _compiled_steps["step"]
+def compiled_decode_step(device_type: str = "cpu"):
+    """`_decode_step` under torch.compile, compiled once per process and device type.
+
+    CPU: dynamic shapes, attention over the filled part of the cache. Accelerators: static
+    shapes (attention over the whole cache behind a key mask) so that CUDA graphs can replay it.
+    """
+    if device_type not in _compiled_steps:
+        if device_type == "cpu":
+            _compiled_steps[device_type] = torch.compile(_decode_step, dynamic=True)
+        else:
+            _compiled_steps[device_type] = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+    return _compiled_steps[device_type]
 
 
 @torch.inference_mode()
 def generate_tokens(model: TeleChat, input_ids: Tensor, p: SamplingParams, attention_mask: Tensor | None = None,
-                    compile: bool = False) -> Iterator[Tensor]:
+                    compile: bool = False, static_cache: bool | None = None) -> Iterator[Tensor]:
     """Yield the next token of every row [B] at each step; rows that stopped yield `p.pad_id`.
 
     The stop token itself is yielded; the iterator ends when every row has stopped or after
-    `p.max_new_tokens` steps.
+    `p.max_new_tokens` steps. `static_cache` (default: compiling on an accelerator) attends over
+    the whole preallocated cache behind a key mask, so every step has the same shapes.
     """
     B, T = input_ids.shape
     device = input_ids.device
@@ -122,10 +130,17 @@ def generate_tokens(model: TeleChat, input_ids: Tensor, p: SamplingParams, atten
         return
     shape = model.cache_shape
     if shape is None or shape[0] != B or shape[1] < total:
-        model.setup_cache(B, max(total, 16))
+        # Rounded up so that later calls reuse it (and a compiled step keeps its shapes).
+        model.setup_cache(B, -(-total // 256) * 256)
     if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask.to(device).bool(),
-                                    attention_mask.new_ones(B, p.max_new_tokens, dtype=torch.bool)], dim=1)
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+    static = (compile and device.type != "cpu") if static_cache is None else static_cache
+    if static or attention_mask is not None:
+        # Key mask over the whole cache: prompt padding from the caller, generated tokens switched on per step.
+        key_mask = torch.zeros(B, model.cache_shape[1], dtype=torch.bool, device=device)
+        key_mask[:, :T] = True if attention_mask is None else attention_mask
+    else:
+        key_mask = None
     generator = None
     if p.do_sample and p.seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(p.seed))
@@ -133,9 +148,9 @@ def generate_tokens(model: TeleChat, input_ids: Tensor, p: SamplingParams, atten
     tokens = torch.empty(B, total, dtype=torch.long, device=device)
     tokens[:, :T] = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    step = compiled_decode_step() if compile else _decode_step
+    step = compiled_decode_step(device.type) if compile else _decode_step
 
-    logits = model(input_ids, input_pos=torch.arange(T, device=device), attention_mask=attention_mask,
+    logits = model(input_ids, input_pos=torch.arange(T, device=device), attention_mask=key_mask,
                    last_only=True)[:, -1].float()
     for i in range(p.max_new_tokens):
         pos = T + i
@@ -148,7 +163,10 @@ def generate_tokens(model: TeleChat, input_ids: Tensor, p: SamplingParams, atten
             return
         input_pos = torch.tensor([pos], device=device)
         cos, sin = rope_cos_sin(model.config, input_pos, pos + 1)
-        logits = step(model, nxt[:, None], input_pos, cos, sin, attention_mask, pos + 1)
+        if key_mask is not None:
+            key_mask[:, pos] = True
+        kv_len = key_mask.shape[1] if static else pos + 1
+        logits = step(model, nxt[:, None], input_pos, cos, sin, key_mask, kv_len)
 
 
 def generate(model: TeleChat, input_ids: Tensor, p: SamplingParams, attention_mask: Tensor | None = None,
