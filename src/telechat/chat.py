@@ -73,6 +73,61 @@ def build_chat_ids(tokenizer: Tokenizer, question: str, history: list[dict] | No
     return system + kept + prompt
 
 
+def chat_format(tokenizer: Tokenizer | None) -> str:
+    """"template" when the checkpoint carries a Jinja chat_template (HF convention, TeleChat2 too),
+    else "telechat" when its tokenizer has <_user>/<_bot> (the TeleChat v1 ids format), else "none"."""
+    if tokenizer is None:
+        return "none"
+    if tokenizer.chat_template:
+        return "template"
+    return "telechat" if tokenizer.user_id is not None and tokenizer.bot_id is not None else "none"
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    """Render an HF-convention Jinja chat template (sandboxed, as transformers does)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+
+
+def build_template_ids(tokenizer: Tokenizer, question: str, history: list[dict] | None = None,
+                       max_length: int | None = None) -> list[int]:
+    """The checkpoint's own chat template with the generation prompt, dropping the oldest turns to fit."""
+    history = normalize_history(history)
+    system = [history.pop(0)] if history and history[0]["role"] == "system" else []
+    turns = [{"role": "assistant" if m["role"] == "bot" else m["role"], "content": m["content"]} for m in history]
+    specials = {k: tokenizer.tokenizer_config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    specials = {k: (v.get("content") if isinstance(v, dict) else v) or "" for k, v in specials.items()}
+    while True:
+        text = render_chat_template(tokenizer.chat_template, system + turns + [{"role": "user", "content": question}],
+                                    **specials)
+        ids = tokenizer.encode(text)
+        if max_length is None or len(ids) <= max_length:
+            return ids
+        if not turns:
+            return ids[-max_length:]
+        # Drop the oldest exchange (a user message and the answers after it).
+        turns = turns[1:]
+        while turns and turns[0]["role"] != "user":
+            turns = turns[1:]
+
+
+def encode_conversation(tokenizer: Tokenizer, question: str, history: list[dict] | None = None,
+                        max_length: int | None = None) -> list[int]:
+    """Prompt ids in the checkpoint's chat format (TeleChat ids, or its Jinja template)."""
+    fmt = chat_format(tokenizer)
+    if fmt == "telechat":
+        return build_chat_ids(tokenizer, question, history, max_length)
+    if fmt == "template":
+        return build_template_ids(tokenizer, question, history, max_length)
+    raise ValueError("this tokenizer has neither TeleChat's <_user>/<_bot> tokens nor a chat_template")
+
+
 def _gen_defaults(model, generation_config) -> dict:
     defaults = dict(getattr(model, "generation_config", {}) or {})
     if generation_config is not None:
@@ -106,11 +161,13 @@ def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] 
     if max_new is None:
         max_new = defaults.get("max_new_tokens")
     reserve = int(max_new) if max_new is not None else min(1024, context // 2)
-    ids = build_chat_ids(tokenizer, question, history_list, max_length=max(3, context - reserve))
+    ids = encode_conversation(tokenizer, question, history_list, max_length=max(3, context - reserve))
     if max_new is None:
         max_new = max(1, context - len(ids))
-    defaults.setdefault("user_token_id", tokenizer.user_id)
-    defaults.setdefault("eos_token_id", tokenizer.eos_id)
+    if chat_format(tokenizer) == "telechat":
+        defaults.setdefault("user_token_id", tokenizer.user_id)
+    if tokenizer.eos_id is not None:
+        defaults.setdefault("eos_token_id", tokenizer.eos_id)
     _check_generation_kwargs(kwargs)
     params = resolve_params(defaults, model.config.vocab_size, max_new_tokens=int(max_new), **kwargs)
     device = model.lm_head.weight.device

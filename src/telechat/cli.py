@@ -14,7 +14,7 @@ COMMANDS: dict[str, Callable] = {}
 
 
 def command(fn: Callable) -> Callable:
-    COMMANDS[fn.__name__.replace("_", "-")] = fn
+    COMMANDS[fn.__name__.strip("_").replace("_", "-")] = fn  # import_ -> "import"
     return fn
 
 
@@ -110,6 +110,26 @@ def info(model: str = "default", device: str = "cpu", dtype: str | None = None, 
     return 0
 
 
+@command
+def import_(source: str, /, output: str, quiet: bool = False) -> int:
+    """Convert a LLaMA-family model into the TeleChat checkpoint layout.
+
+    SOURCE is a GGUF file (any GGML quantization; dequantized to fp32) or an HF LLaMA-style
+    folder (safetensors or bin). The result carries its tokenizer (tokenizer.json), chat template
+    and generation config, and loads with `telechat.load` / `telechat chat --model OUTPUT`.
+
+    Args:
+        source: a .gguf file or an HF model folder.
+        output: folder to write (replaced if it exists).
+        quiet: no progress bar.
+    """
+    from .convert import import_model
+
+    out = import_model(source, output, progress=not quiet)
+    print(f"wrote {out}")
+    return 0
+
+
 # ---- argparse from signatures --------------------------------------------------------------------
 def _doc_parts(fn: Callable) -> tuple[str, dict[str, str]]:
     doc = inspect.getdoc(fn) or ""
@@ -187,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .tokenizer import TokenizerError
 
+    params = inspect.signature(fn).parameters
+    positional = [args.pop(n) for n, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
-        return fn(**args) or 0
+        return fn(*positional, **args) or 0
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

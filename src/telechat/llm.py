@@ -10,6 +10,7 @@ from torch import Tensor
 from . import chat as _chat
 from .checkpoint import CheckpointError, dtype_name, load_model, save_model
 from .config import TeleChatConfig, preset
+from .default_model import resolve_model
 from .generate import SamplingParams, generate, generate_tokens, resolve_params
 from .model import TeleChat
 from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
@@ -22,8 +23,10 @@ def default_generation_config(config: TeleChatConfig, tokenizer: Tokenizer | Non
     gen = {"max_length": config.seq_length, "do_sample": False, "pad_token_id": config.pad_token_id,
            "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     if tokenizer is not None:
-        for key, attr in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id"),
-                          ("user_token_id", "user_id"), ("bot_token_id", "bot_id")):
+        keys = [("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id")]
+        if _chat.chat_format(tokenizer) == "telechat":  # <_user> is a stop id only in TeleChat's own format
+            keys += [("user_token_id", "user_id"), ("bot_token_id", "bot_id")]
+        for key, attr in keys:
             if getattr(tokenizer, attr) is not None:
                 gen[key] = getattr(tokenizer, attr)
     return gen
@@ -54,8 +57,7 @@ class LLM:
 
     @property
     def chat_format(self) -> str:
-        t = self.tokenizer
-        return "telechat" if t is not None and t.user_id is not None and t.bot_id is not None else "none"
+        return _chat.chat_format(self.tokenizer)
 
     def sampling_params(self, **kwargs) -> SamplingParams:
         return resolve_params(self.generation_config, self.config.vocab_size, **kwargs)
@@ -95,7 +97,7 @@ class LLM:
         return _chat.chat(self.model, self.tokenizer, question, history, stream=stream, **generation_kwargs)
 
     def encode_chat(self, question: str, history: list[dict] | None = None, max_length: int | None = None) -> list[int]:
-        return _chat.build_chat_ids(self.tokenizer, question, history, max_length)
+        return _chat.encode_conversation(self.tokenizer, question, history, max_length)
 
     def save(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
         """Write an official-layout folder (safetensors, config.json, generation_config.json, tokenizer)."""
@@ -137,10 +139,12 @@ def _read_generation_config(path: Path) -> dict | None:
 def load(path: str | Path, device: str | torch.device = "cpu", dtype=None) -> LLM:
     """Load a TeleChat checkpoint folder (official layout: .bin or safetensors, sharded or not).
 
+    "default" loads the default model (SmolLM2-135M-Instruct, imported once into $TELECHAT_HOME).
+
     dtype None keeps the checkpoint's own; "float32", "bfloat16", "float16" or a torch dtype
     converts while loading. A folder without tokenizer files gives `llm.tokenizer` None.
     """
-    path = Path(path).expanduser()
+    path = resolve_model(path)
     model = load_model(path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
     gen = default_generation_config(model.config, tokenizer)

@@ -60,6 +60,10 @@ class Tokenizer:
         else:
             raise TokenizerError(f"{path}: expected a tokenizer.model or tokenizer.json file")
         cfg, gen = self.tokenizer_config, generation_config or {}
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template or None
 
         def pick(gen_key: str, *names: str) -> int | None:
             if isinstance(gen.get(gen_key), int):

@@ -1,0 +1,290 @@
+"""Import LLaMA-family models into the TeleChat layout: GGUF files and HF LLaMA-style folders.
+
+A LLaMA block is TeleChat math with `num_key_value_heads`, `rope_theta`, zero biases on
+`dense`/`down_proj` and (often) a tied head, so the result is an ordinary TeleChat checkpoint.
+The tokenizer travels as `tokenizer.json` and the chat template in `tokenizer_config.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointError, iter_tensors, weight_files
+from .config import TeleChatConfig
+from .hf import merge_key_value
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
+
+
+def _llama_config(*, vocab_size, hidden_size, n_layer, n_head, n_kv_head, ffn, eps, rope_theta, context,
+                  tied, bos, eos, pad, unk) -> TeleChatConfig:
+    return TeleChatConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, n_layer=n_layer, n_head=n_head, ffn_hidden_size=ffn,
+        layer_norm_epsilon=eps, training_seqlen=context, seq_length=context, base_seqlen=context,
+        tie_word_embeddings=tied, rope_theta=float(rope_theta),
+        num_key_value_heads=n_kv_head, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, unk_token_id=unk,
+        torch_dtype="float32", extra={"architectures": ["TelechatForCausalLM"]})
+
+
+def _write_checkpoint(out: Path, config: TeleChatConfig, tensors: dict[str, torch.Tensor], tokenizer_json: str | None,
+                      tokenizer_config: dict, generation_config: dict) -> None:
+    """Write into a temporary folder, then move it into place, so a failed import leaves nothing half-made."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save(tmp / "config.json")
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _block_tensors(config: TeleChatConfig, i: int, q, k, v, o, gate, up, down, attn_norm, ffn_norm,
+                   o_bias=None, down_bias=None) -> dict[str, torch.Tensor]:
+    p = f"transformer.h.{i}."
+    zeros = torch.zeros(config.hidden_size, dtype=torch.float32)
+    return {
+        p + "input_layernorm.weight": attn_norm,
+        p + "self_attention.query.weight": q,
+        p + "self_attention.key_value.weight": merge_key_value(k, v, config),
+        p + "self_attention.dense.weight": o,
+        p + "self_attention.dense.bias": zeros.clone() if o_bias is None else o_bias,
+        p + "post_attention_layernorm.weight": ffn_norm,
+        p + "mlp.gate_proj.weight": gate,
+        p + "mlp.up_proj.weight": up,
+        p + "mlp.down_proj.weight": down,
+        p + "mlp.down_proj.bias": zeros.clone() if down_bias is None else down_bias,
+    }
+
+
+# ---- GGUF ------------------------------------------------------------------------------------------
+def _gguf_field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of q/k rows (pairs interleaved) back to HF's rotate-half layout."""
+    out_dim, in_dim = w.shape
+    d = out_dim // n_head
+    return w.reshape(n_head, d // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+def gguf_tokenizer(reader) -> tuple[str, dict]:
+    """A `tokenizer.json` (byte-level BPE) and `tokenizer_config.json` built from GGUF metadata."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    kind = _gguf_field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported (expected 'gpt2' byte-level BPE)")
+    tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    pre = _gguf_field(reader, "tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Pre-tokenizers whose llama.cpp rule splits every digit before the GPT-2 regex.
+    if pre in ("smollm", "starcoder", "refact", "llama-bpe-digits"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken(t, special=types[i] == 3, normalized=False)
+                    for i, t in enumerate(tokens) if types[i] in (3, 4)])
+
+    def name(key):
+        i = _gguf_field(reader, key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+           "bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
+           "pad_token": name("tokenizer.ggml.padding_token_id"), "unk_token": name("tokenizer.ggml.unknown_token_id"),
+           "add_bos_token": bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
+           "model_max_length": int(_gguf_field(reader, "llama.context_length", 2048))}
+    template = _gguf_field(reader, "tokenizer.chat_template")
+    if template:
+        cfg["chat_template"] = template
+    return tok.to_str(), {k: v for k, v in cfg.items() if v is not None}
+
+
+def import_gguf(path: str | Path, output: str | Path, progress: bool = True) -> Path:
+    """Convert a GGUF file of a LLaMA-family model (any GGML quantization, dequantized to fp32)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama')")
+    g = lambda key, default=None: _gguf_field(reader, f"llama.{key}", default)  # noqa: E731
+    n_head = int(g("attention.head_count"))
+    n_kv = int(g("attention.head_count_kv", n_head))
+    hidden = int(g("embedding_length"))
+    if int(g("rope.dimension_count", hidden // n_head)) != hidden // n_head:
+        raise CheckpointError(f"{path}: partial rotary dimensions are not supported")
+    names = {t.name for t in reader.tensors}
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    tok_id = lambda key: (int(v) if (v := _gguf_field(reader, key)) is not None else None)  # noqa: E731
+    config = _llama_config(
+        vocab_size=int(g("vocab_size", len(tokens) if tokens is not None else 0)), hidden_size=hidden,
+        n_layer=int(g("block_count")), n_head=n_head, n_kv_head=n_kv, ffn=int(g("feed_forward_length")),
+        eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=float(g("rope.freq_base", 10000.0)),
+        context=int(g("context_length", 2048)), tied="output.weight" not in names,
+        bos=tok_id("tokenizer.ggml.bos_token_id"), eos=tok_id("tokenizer.ggml.eos_token_id"),
+        pad=tok_id("tokenizer.ggml.padding_token_id"), unk=tok_id("tokenizer.ggml.unknown_token_id"))
+    raw: dict[str, torch.Tensor] = {}
+    bar = _progress(len(reader.tensors), f"importing {path.name}", progress)
+    for t in reader.tensors:
+        arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        arr = arr.reshape([int(x) for x in reversed(t.shape)]) if arr.ndim != len(t.shape) else arr
+        if t.name.endswith("attn_q.weight"):
+            arr = _unpermute_rope(arr, n_head)
+        elif t.name.endswith("attn_k.weight"):
+            arr = _unpermute_rope(arr, n_kv)
+        raw[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
+        bar.update()
+    bar.close()
+    tensors = _assemble(config, lambda n: raw.pop(n), {
+        "embed": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight",
+        "q": "blk.{i}.attn_q.weight", "k": "blk.{i}.attn_k.weight", "v": "blk.{i}.attn_v.weight",
+        "o": "blk.{i}.attn_output.weight", "gate": "blk.{i}.ffn_gate.weight", "up": "blk.{i}.ffn_up.weight",
+        "down": "blk.{i}.ffn_down.weight", "attn_norm": "blk.{i}.attn_norm.weight",
+        "ffn_norm": "blk.{i}.ffn_norm.weight"}, str(path))
+    tokenizer_json, tokenizer_config = gguf_tokenizer(reader)
+    _write_checkpoint(Path(output), config, tensors, tokenizer_json, tokenizer_config,
+                      _generation_config(config, tokenizer_config, tokenizer_json))
+    return Path(output)
+
+
+def _generation_config(config: TeleChatConfig, tokenizer_config: dict, tokenizer_json: str | None) -> dict:
+    gen = {"max_length": config.seq_length, "do_sample": False, "bos_token_id": config.bos_token_id,
+           "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    if tokenizer_json and tokenizer_config.get("eos_token"):
+        vocab = {t["content"]: t["id"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+        eos = vocab.get(tokenizer_config["eos_token"])
+        if eos is not None:
+            gen["eos_token_id"] = eos
+    return {k: v for k, v in gen.items() if v is not None}
+
+
+def _assemble(config: TeleChatConfig, take, names: dict[str, str], source: str) -> dict[str, torch.Tensor]:
+    def get(key, i=None):
+        name = names[key].format(i=i)
+        try:
+            return take(name)
+        except KeyError:
+            raise CheckpointError(f"{source}: missing tensor {name}") from None
+
+    out = {"transformer.word_embeddings.weight": get("embed"), "transformer.ln_f.weight": get("norm")}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = get("head")
+    for i in range(config.n_layer):
+        out.update(_block_tensors(config, i, get("q", i), get("k", i), get("v", i), get("o", i), get("gate", i),
+                                  get("up", i), get("down", i), get("attn_norm", i), get("ffn_norm", i)))
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+# ---- HF LLaMA-style folders ------------------------------------------------------------------------
+def import_hf(path: str | Path, output: str | Path, progress: bool = True) -> Path:
+    """Convert an HF `LlamaForCausalLM`-style folder (safetensors or bin, sharded or not)."""
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no config.json") from None
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") not in ("llama", "mistral") and not any("Llama" in a or "Mistral" in a for a in archs):
+        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported "
+                              "(expected a LLaMA-style model)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise CheckpointError(f"{path}: {flag}=true cannot be expressed in the TeleChat layout")
+    rope = dict(hf.get("rope_parameters") or {})  # transformers 5 keeps rope_theta here
+    scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"}
+                                         if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise CheckpointError(f"{path}: rope scaling {scaling!r} is not supported")
+    rope_theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    n_head = hf["num_attention_heads"]
+    hidden = hf["hidden_size"]
+    if hf.get("head_dim", hidden // n_head) != hidden // n_head:
+        raise CheckpointError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
+
+    def one(v):
+        return v[0] if isinstance(v, list) else v
+
+    config = _llama_config(
+        vocab_size=hf["vocab_size"], hidden_size=hidden, n_layer=hf["num_hidden_layers"], n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head, ffn=hf["intermediate_size"],
+        eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+        context=hf.get("max_position_embeddings", 2048), tied=bool(hf.get("tie_word_embeddings", False)),
+        bos=one(hf.get("bos_token_id")), eos=one(hf.get("eos_token_id")), pad=one(hf.get("pad_token_id")), unk=None)
+    raw: dict[str, torch.Tensor] = {}
+    files = weight_files(path)
+    bar = _progress(len(files), f"importing {path.name}", progress)
+    for f in files:
+        raw.update({k.removeprefix("model.") if k.startswith("model.") else k: v for k, v in iter_tensors(f)})
+        bar.update()
+    bar.close()
+    if config.tie_word_embeddings:
+        raw.pop("lm_head.weight", None)
+    tensors = _assemble(config, lambda n: raw.pop(n), {
+        "embed": "embed_tokens.weight", "norm": "norm.weight", "head": "lm_head.weight",
+        "q": "layers.{i}.self_attn.q_proj.weight", "k": "layers.{i}.self_attn.k_proj.weight",
+        "v": "layers.{i}.self_attn.v_proj.weight", "o": "layers.{i}.self_attn.o_proj.weight",
+        "gate": "layers.{i}.mlp.gate_proj.weight", "up": "layers.{i}.mlp.up_proj.weight",
+        "down": "layers.{i}.mlp.down_proj.weight", "attn_norm": "layers.{i}.input_layernorm.weight",
+        "ffn_norm": "layers.{i}.post_attention_layernorm.weight"}, str(path))
+    leftover = [k for k in raw if not k.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise CheckpointError(f"{path}: unexpected tensors: {', '.join(leftover[:10])}")
+    tokenizer_json = (path / "tokenizer.json").read_text(encoding="utf-8") if (path / "tokenizer.json").exists() else None
+    tokenizer_config = {}
+    if (path / "tokenizer_config.json").exists():
+        tokenizer_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tokenizer_config = {k: v for k, v in tokenizer_config.items() if k != "auto_map"}
+    if "chat_template" not in tokenizer_config and (path / "chat_template.jinja").exists():
+        tokenizer_config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    gen = _generation_config(config, tokenizer_config, tokenizer_json)
+    if (path / "generation_config.json").exists():
+        gen.update({k: v for k, v in json.loads((path / "generation_config.json").read_text()).items()
+                    if k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+                             "max_new_tokens")})
+    _write_checkpoint(Path(output), config, tensors, tokenizer_json, tokenizer_config, gen)
+    return Path(output)
+
+
+def import_model(source: str | Path, output: str | Path, progress: bool = True) -> Path:
+    """Import a `.gguf` file or an HF LLaMA-style folder into the TeleChat layout at `output`."""
+    source = Path(source).expanduser()
+    if source.is_file() and source.suffix == ".gguf":
+        return import_gguf(source, output, progress)
+    if source.is_dir():
+        return import_hf(source, output, progress)
+    raise CheckpointError(f"{source}: expected a .gguf file or an HF model folder")

