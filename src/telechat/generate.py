@@ -41,17 +41,23 @@ def resolve_params(defaults: dict, vocab_size: int, **overrides) -> SamplingPara
     `eos_token_id` (int or list) overrides the stop ids; ids outside the vocabulary (e.g. -1) are
     dropped, so `eos_token_id=-1` disables stopping.
     """
+    names = {f.name for f in fields(SamplingParams)}
+    unknown = set(overrides) - names - {"eos_token_id"}
+    if unknown:
+        raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
     merged = {k: v for k, v in defaults.items() if v is not None}
     merged.update({k: v for k, v in overrides.items() if v is not None})
+
+    def as_list(v):
+        return [] if v is None else [v] if isinstance(v, int) else list(v)
+
     eos = overrides.get("eos_token_id")
-    if eos is None:
-        stops = merged.get("stop_ids")
-        if stops is None:
-            stops = [merged.get("eos_token_id"), merged.get("user_token_id")]
-    else:
-        stops = eos
-    stops = [stops] if isinstance(stops, int) else list(stops)
-    names = {f.name for f in fields(SamplingParams)}
+    if eos is not None:
+        stops = as_list(eos)
+    elif merged.get("stop_ids") is not None:
+        stops = as_list(merged["stop_ids"])
+    else:  # generation_config's eos_token_id may be an int or a list (HF convention)
+        stops = as_list(merged.get("eos_token_id")) + as_list(merged.get("user_token_id"))
     kw = {k: v for k, v in merged.items() if k in names and k not in ("stop_ids", "pad_id")}
     if "max_new_tokens" not in kw and merged.get("max_length"):
         kw["max_new_tokens"] = int(merged["max_length"])

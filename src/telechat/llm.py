@@ -73,23 +73,29 @@ class LLM:
         and is padded after it. `attention_mask` [B, T] marks left padding with 0.
         `compile=True` runs the decode step under torch.compile.
         """
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if max_new_tokens is None:
-            max_new_tokens = max(1, int(self.generation_config.get("max_length") or self.config.seq_length) - ids.shape[1])
-        p = self.sampling_params(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                 eos_token_id=eos_token_id, seed=seed)
-        return generate(self.model, ids.to(self.device), p, attention_mask, compile=compile)
+        ids = self._ids(input_ids)
+        p = self.sampling_params(max_new_tokens=self._max_new(ids, max_new_tokens), do_sample=do_sample,
+                                 temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, seed=seed)
+        return generate(self.model, ids, p, attention_mask, compile=compile)
 
-    def stream(self, input_ids, compile: bool = False, **kwargs):
-        """Like generate, yielding the next token of each row [B] as it is produced."""
+    def stream(self, input_ids, attention_mask: Tensor | None = None, compile: bool = False, **sampling):
+        """Like generate, but yields the next token of every row [B] as it is produced."""
+        ids = self._ids(input_ids)
+        sampling["max_new_tokens"] = self._max_new(ids, sampling.get("max_new_tokens"))
+        return generate_tokens(self.model, ids, self.sampling_params(**sampling), attention_mask, compile=compile)
+
+    def _ids(self, input_ids) -> Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids[None]
-        kwargs.setdefault("max_new_tokens", 256)
-        return generate_tokens(self.model, ids.to(self.device), self.sampling_params(**kwargs), compile=compile)
+        return (ids[None] if ids.dim() == 1 else ids).to(self.device)
+
+    def _max_new(self, ids: Tensor, max_new_tokens: int | None) -> int:
+        """Explicit value, else generation_config's max_new_tokens, else what max_length leaves."""
+        if max_new_tokens is not None:
+            return max_new_tokens
+        if self.generation_config.get("max_new_tokens") is not None:
+            return int(self.generation_config["max_new_tokens"])
+        return max(1, int(self.generation_config.get("max_length") or self.config.seq_length) - ids.shape[1])
 
     def chat(self, question: str, history: list[dict] | None = None, stream: bool = False, **generation_kwargs):
         """`(answer, history)`; with `stream=True`, an iterator of text increments (history is
