@@ -397,6 +397,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
         telechat.TeleChat(telechat.preset("tiny"))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     llm = telechat.load(sys.argv[1])
+    # Weights may be memory-mapped from the shards: touch every one so they are really resident.
+    with torch.no_grad():
+        for p in llm.model.parameters():
+            p.sum()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     print(before, after, n)
