@@ -6,6 +6,13 @@ none) computes the same function. Used by the parity test and the benchmarks.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
 import torch
 
 from .config import TeleChatConfig
@@ -81,3 +88,83 @@ def to_hf_llama(model: TeleChat):
     hf = LlamaForCausalLM(llama_config(model.config)).to(model.lm_head.weight.dtype)
     hf.load_state_dict(llama_state_dict(model), strict=True)
     return hf.eval()
+
+
+# ---- transformers Auto classes and remote code --------------------------------------------------
+_REMOTE = Path(__file__).parent / "hf_remote"
+AUTO_MAP = {"AutoConfig": "configuration_telechat.TelechatConfig",
+            "AutoModelForCausalLM": "modeling_telechat.TelechatForCausalLM"}
+
+
+def write_remote_code(folder: str | Path) -> None:
+    """Put the files `trust_remote_code=True` needs into a saved folder: thin transformers wrappers
+    plus copies of telechat's own `config.py` and `model.py` (so the folder works without telechat)."""
+    folder = Path(folder)
+    src = Path(__file__).parent
+    for name in ("configuration_telechat.py", "modeling_telechat.py", "tokenization_telechat.py"):
+        shutil.copyfile(_REMOTE / name, folder / name)
+    shutil.copyfile(src / "config.py", folder / "telechat_config.py")
+    model_src = (src / "model.py").read_text(encoding="utf-8").replace("from .config import", "from .telechat_config import")
+    (folder / "telechat_model.py").write_text(model_src, encoding="utf-8")
+    tok_cfg = folder / "tokenizer_config.json"
+    if (folder / "tokenizer.model").exists() and not (folder / "tokenizer.json").exists():
+        cfg = json.loads(tok_cfg.read_text(encoding="utf-8")) if tok_cfg.exists() else {}
+        cfg.update({"tokenizer_class": "TelechatTokenizer",
+                    "auto_map": {"AutoTokenizer": ["tokenization_telechat.TelechatTokenizer", None]}})
+        cfg.setdefault("add_bos_token", False)
+        cfg.setdefault("add_eos_token", False)
+        tok_cfg.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    elif (folder / "tokenizer.json").exists():
+        cfg = json.loads(tok_cfg.read_text(encoding="utf-8")) if tok_cfg.exists() else {}
+        if cfg.get("tokenizer_class") in (None, "TelechatTokenizer"):
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            cfg.pop("auto_map", None)
+            tok_cfg.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def register_auto_classes() -> None:
+    """Make transformers' AutoConfig / AutoModelForCausalLM resolve model_type "telechat" natively."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .hf_remote.configuration_telechat import TelechatConfig
+    from .hf_remote.modeling_telechat import TelechatForCausalLM
+
+    try:
+        AutoConfig.register("telechat", TelechatConfig)
+        AutoModelForCausalLM.register(TelechatConfig, TelechatForCausalLM)
+    except ValueError:  # already registered (telechat imported twice, or transformers knows it)
+        pass
+
+
+class _RegisterWhenImported(importlib.abc.MetaPathFinder):
+    """Registers the Auto classes right after `transformers` is first imported, so that importing
+    telechat does not pay for importing transformers."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            try:
+                register_auto_classes()
+            except Exception:  # never break `import transformers`
+                pass
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def install_auto_registration() -> None:
+    if "transformers" in sys.modules:
+        try:
+            register_auto_classes()
+        except Exception:
+            pass
+    elif importlib.util.find_spec("transformers") is not None:
+        sys.meta_path.insert(0, _RegisterWhenImported())

@@ -107,11 +107,15 @@ class LLM:
 
     def save(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
         """Write an official-layout folder (safetensors, config.json, generation_config.json, tokenizer)."""
+        from .hf import AUTO_MAP, write_remote_code
+
         path = Path(path)
+        self.config.extra["auto_map"] = dict(AUTO_MAP)
         save_model(self.model, path, max_shard_bytes)
         (path / "generation_config.json").write_text(json.dumps(self.generation_config, indent=2) + "\n")
         if self.tokenizer is not None:
             self.tokenizer.save(path)
+        write_remote_code(path)  # so transformers' Auto classes load it with trust_remote_code=True
         return path
 
     def info(self) -> dict:

@@ -121,13 +121,38 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Embeddings, blocks and final norm: hidden states [B, T, H] for `input_ids` [B, T]."""
+
     def __init__(self, config: TeleChatConfig):
         super().__init__()
+        self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.embed_layernorm:
             self.word_embeddings_layernorm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, attention_mask: Tensor | None = None,
+                kv_len: int | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        B, T = input_ids.shape
+        if input_pos is None:
+            input_pos, kv_len, cached = torch.arange(T, device=input_ids.device), T, None
+        else:
+            kv_len = kv_len or int(input_pos[-1]) + 1
+            cached = input_pos
+        cos, sin = rope if rope is not None else rope_cos_sin(self.config, input_pos, kv_len)
+        h = self.word_embeddings(input_ids)
+        if self.config.embed_layernorm:
+            h = self.word_embeddings_layernorm(h)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        mask = build_mask(input_pos, kv_len, attention_mask)
+        for block in self.h:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cached, kv_len, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, mask, cached, kv_len)
+        return self.ln_f(h)
 
 
 class TeleChat(nn.Module):
@@ -140,7 +165,6 @@ class TeleChat(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.word_embeddings.weight
-        self.gradient_checkpointing = False
         self.generation_config: dict = {}  # filled by the loader; used by `chat`
 
     # ---- KV cache ----------------------------------------------------------------------------
@@ -172,31 +196,15 @@ class TeleChat(nn.Module):
         last_only: return logits of the last position only ([B, 1, V]), as generation needs.
         rope: precomputed (cos, sin) for these positions (lets a compiled step avoid recompiles).
         """
-        B, T = input_ids.shape
-        if input_pos is None:
-            input_pos, kv_len, cached = torch.arange(T, device=input_ids.device), T, None
-        else:
-            kv_len = kv_len or int(input_pos[-1]) + 1
-            cached = input_pos
-        cos, sin = rope if rope is not None else rope_cos_sin(self.config, input_pos, kv_len)
-        h = self.transformer.word_embeddings(input_ids)
-        if self.config.embed_layernorm:
-            h = self.transformer.word_embeddings_layernorm(h)
-        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
-        mask = build_mask(input_pos, kv_len, attention_mask)
-        for block in self.transformer.h:
-            if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cached, kv_len, use_reentrant=False)
-            else:
-                h = block(h, cos, sin, mask, cached, kv_len)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.transformer.ln_f(h))
+        h = self.transformer(input_ids, input_pos, attention_mask, kv_len, rope)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
     def chat(self, tokenizer, question: str, history=None, generation_config=None, stream: bool = False, **kwargs):
         """The published calling convention: `model.chat(tokenizer, question, history, generation_config)`."""
-        from .chat import chat
-
+        try:  # absolute import: this file also travels as transformers remote code
+            from telechat.chat import chat
+        except ImportError as e:
+            raise RuntimeError("model.chat needs the telechat package (pip install telechat)") from e
         return chat(self, tokenizer, question, history, generation_config=generation_config, stream=stream, **kwargs)
 
 
