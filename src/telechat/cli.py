@@ -130,6 +130,24 @@ def import_(source: str, /, output: str, quiet: bool = False) -> int:
     return 0
 
 
+@command
+def export(model: str, /, output: str, for_: Literal["vllm"] = "vllm") -> int:
+    """Export a checkpoint for another engine.
+
+    `--for vllm` writes a folder that vLLM's built-in TeleChat support (TeleChat2ForCausalLM)
+    serves with the same math up to the model's training length: `vllm serve OUTPUT`.
+
+    Args:
+        model: checkpoint folder, or "default".
+        output: folder to write (replaced if it exists).
+        for_: target engine.
+    """
+    from .convert import export_vllm
+
+    print(f"wrote {export_vllm(model, output)}")
+    return 0
+
+
 # ---- argparse from signatures --------------------------------------------------------------------
 def _doc_parts(fn: Callable) -> tuple[str, dict[str, str]]:
     doc = inspect.getdoc(fn) or ""
@@ -159,7 +177,7 @@ def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
     _, helps = _doc_parts(fn)
     for name, param in inspect.signature(fn).parameters.items():
         tp = _unwrap_optional(hints.get(name, str))
-        flag = "--" + ("json" if name == "json_output" else name.replace("_", "-"))
+        flag = "--" + ("json" if name == "json_output" else name.strip("_").replace("_", "-"))
         kw: dict[str, Any] = {"dest": name, "help": helps.get(name, "")}
         required = param.default is inspect.Parameter.empty
         if not required:

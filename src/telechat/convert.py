@@ -288,3 +288,47 @@ def import_model(source: str | Path, output: str | Path, progress: bool = True) 
     if source.is_dir():
         return import_hf(source, output, progress)
     raise CheckpointError(f"{source}: expected a .gguf file or an HF model folder")
+
+
+# ---- export --------------------------------------------------------------------------------------
+def export_vllm(source: str | Path, output: str | Path) -> Path:
+    """A copy of a checkpoint that vLLM's built-in TeleChat support serves with the same math.
+
+    vLLM's `TeleChat2ForCausalLM` reads `transformer.`-prefixed keys, de-interleaves `key_value`
+    per head, needs an explicit `lm_head`, and applies plain RoPE with `rope_theta`. TeleChat's
+    NTK rule is constant up to `training_seqlen`, so its effective base there is baked into
+    `rope_theta` and the context is capped at `training_seqlen` (`max_position_embeddings`).
+    """
+    from .checkpoint import load_model
+    from .default_model import resolve_model
+
+    src = resolve_model(source)
+    model = load_model(src)
+    c = model.config
+    base, mscale = c.rope_scaling(c.training_seqlen)
+    assert mscale == 1.0  # by construction of the rule at L' = training_seqlen
+    sd = model.state_dict()
+    tensors = {k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}
+    tensors["lm_head.weight"] = sd["lm_head.weight"].clone()  # explicit, even when tied
+    cfg = c.to_dict()
+    cfg.pop("auto_map", None)  # vLLM's own config class for model_type "telechat"
+    cfg.update({"architectures": ["TeleChat2ForCausalLM"], "rope_theta": base, "tie_word_embeddings": False,
+                "max_position_embeddings": c.training_seqlen, "seq_length": c.training_seqlen,
+                "hidden_act": "silu", "num_key_value_heads": c.n_kv_head})
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name in ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                     "special_tokens_map.json", "specail_tokens_map.json", "tokenization_telechat.py"):
+            if (src / name).exists():
+                shutil.copyfile(src / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
