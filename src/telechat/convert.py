@@ -6,6 +6,7 @@ The tokenizer travels as `tokenizer.json` and the chat template in `tokenizer_co
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,25 +38,31 @@ def _llama_config(*, vocab_size, hidden_size, n_layer, n_head, n_kv_head, ffn, e
         torch_dtype="float32", extra={"architectures": ["TelechatForCausalLM"]})
 
 
-def _write_checkpoint(out: Path, config: TeleChatConfig, tensors: dict[str, torch.Tensor], tokenizer_json: str | None,
-                      tokenizer_config: dict, generation_config: dict) -> None:
-    """Write into a temporary folder, then move it into place, so a failed import leaves nothing half-made."""
-    out = Path(out)
+@contextlib.contextmanager
+def _atomic_folder(out: Path):
+    """Yield a temporary folder beside `out` that replaces `out` only if the block succeeds."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config.save(tmp / "config.json")
-        if tokenizer_json is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_checkpoint(out: Path, config: TeleChatConfig, tensors: dict[str, torch.Tensor], tokenizer_json: str | None,
+                      tokenizer_config: dict, generation_config: dict) -> None:
+    """A failed import leaves nothing half-made."""
+    with _atomic_folder(Path(out)) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save(tmp / "config.json")
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
 
 
 def _block_tensors(config: TeleChatConfig, i: int, q, k, v, o, gate, up, down, attn_norm, ffn_norm,
@@ -316,19 +323,11 @@ def export_vllm(source: str | Path, output: str | Path) -> Path:
                 "max_position_embeddings": c.training_seqlen, "seq_length": c.training_seqlen,
                 "hidden_act": "silu", "num_key_value_heads": c.n_kv_head})
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with _atomic_folder(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for name in ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                      "special_tokens_map.json", "specail_tokens_map.json", "tokenization_telechat.py"):
             if (src / name).exists():
                 shutil.copyfile(src / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
