@@ -108,7 +108,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--engines", default="hf,telechat,telechat-compile")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "FOLDER"), help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.prepare:
+        prepare(Path(a.prepare), a.preset)
+        return
     if a.worker:
         res = run_engine(a.worker[0], Path(a.worker[1]), a.dtype, a.prompt_len, a.new_tokens, a.threads)
         print("RESULT " + json.dumps(res))
@@ -116,7 +120,8 @@ def main() -> None:
     engines = a.engines.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        prepare(Path(tmp), a.preset)
+        # In a child process: Linux hands a parent's peak RSS down to its children, so the parent stays small.
+        subprocess.run([sys.executable, __file__, "--prepare", tmp, "--preset", a.preset], check=True)
         for engine in engines:
             cmd = [sys.executable, __file__, "--worker", engine, tmp, "--dtype", a.dtype, "--prompt-len",
                    str(a.prompt_len), "--new-tokens", str(a.new_tokens), "--threads", str(a.threads)]

@@ -52,15 +52,11 @@ def f32_gguf(src: Path, dst: Path) -> None:
 
 
 def prepare(folder: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
     from telechat.convert import import_gguf
     from telechat.default_model import smollm2_gguf
 
     gguf = smollm2_gguf()
     import_gguf(gguf, folder / "telechat", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    hf.save_pretrained(folder / "hf")
     try:
         import llama_cpp  # noqa: F401
 
@@ -85,7 +81,10 @@ def run_engine(engine: str, folder: Path, new_tokens: int, threads: int) -> dict
     elif engine == "hf":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
+        from telechat.default_model import smollm2_gguf
+
+        gguf = smollm2_gguf()  # transformers dequantizes the same GGUF itself
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
         ids = torch.tensor([prompt])
 
         def gen(n):
@@ -120,14 +119,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--engines", default="hf,telechat,telechat-compile,llama.cpp")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.prepare:
+        prepare(Path(a.prepare))
+        return
     if a.worker:
         print("RESULT " + json.dumps(run_engine(a.worker[0], Path(a.worker[1]), a.new_tokens, a.threads)))
         return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        prepare(Path(tmp))
+        # In a child process: Linux hands a parent's peak RSS down to its children, so the parent stays small.
+        subprocess.run([sys.executable, __file__, "--prepare", tmp], check=True)
         print(f"prepared in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         for engine in a.engines.split(","):
             if engine == "llama.cpp" and not (Path(tmp) / "smollm2-f32.gguf").exists():

@@ -64,13 +64,36 @@ def test_hf_llama_folder_import_matches_transformers(hf_llama_dir, tmp_path):
     assert llm.sampling_params().stop_ids == [llm.tokenizer.token_to_id("<_end>")]
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama-attention-bias"])
+def test_biased_attention_imports_match_transformers(tmp_path, kind):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1e6)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)  # make every bias matter
+    model.save_pretrained(tmp_path / "src")
+    llm = telechat.load(import_model(tmp_path / "src", tmp_path / "out", progress=False))
+    assert llm.config.qkv_bias
+    ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert rel_err(llm.model(ids), model(ids).logits) < 1e-4
+
+
 def test_import_rejects_what_it_cannot_express(hf_llama_dir, tmp_path):
     src, _ = hf_llama_dir
     bad = tmp_path / "bad"
     bad.mkdir()
     cfg = json.loads((src / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
-    with pytest.raises(CheckpointError, match="attention_bias"):
+    (bad / "config.json").write_text(json.dumps({**cfg, "mlp_bias": True}))
+    with pytest.raises(CheckpointError, match="mlp_bias"):
         import_model(bad, tmp_path / "out")
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(CheckpointError, match="gpt2"):

@@ -40,6 +40,8 @@ class TeleChatConfig:
     num_key_value_heads: int | None = None
     # Imported (non-TeleChat) models may carry no biases on dense/down_proj; TeleChat always does.
     bias: bool = True
+    # Biases on query/key_value: not in TeleChat, but in imported Qwen2-style models.
+    qkv_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 3
@@ -81,7 +83,8 @@ class TeleChatConfig:
     def num_parameters(self) -> int:
         H, F, V, L = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.n_layer
         kv = 2 * self.n_kv_head * self.head_dim
-        per_layer = H * H + kv * H + H * H + 3 * H * F + 2 * H + (2 * H if self.bias else 0)
+        per_layer = H * H + kv * H + H * H + 3 * H * F + 2 * H + (2 * H if self.bias else 0) + \
+            (H + kv if self.qkv_bias else 0)
         return V * H * (1 if self.tie_word_embeddings else 2) + L * per_layer + H
 
     # ---- official config.json ------------------------------------------------------------
@@ -122,7 +125,7 @@ class TeleChatConfig:
                 continue
             if f.name == "rope_theta" and v == 10000.0 and "rope_theta" not in self.extra:
                 continue
-            if f.name == "bias" and v:
+            if (f.name == "bias" and v) or (f.name == "qkv_bias" and not v):
                 continue
             out[f.name] = v
         out["model_type"] = "telechat"

@@ -29,12 +29,12 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _llama_config(*, vocab_size, hidden_size, n_layer, n_head, n_kv_head, ffn, eps, rope_theta, context,
-                  tied, bos, eos, pad, unk) -> TeleChatConfig:
+                  tied, bos, eos, pad, unk, qkv_bias=False) -> TeleChatConfig:
     return TeleChatConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, n_layer=n_layer, n_head=n_head, ffn_hidden_size=ffn,
         layer_norm_epsilon=eps, training_seqlen=context, seq_length=context, base_seqlen=context,
         tie_word_embeddings=tied, rope_theta=float(rope_theta),
-        num_key_value_heads=n_kv_head, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, unk_token_id=unk,
+        num_key_value_heads=n_kv_head, qkv_bias=qkv_bias, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, unk_token_id=unk,
         torch_dtype="float32", extra={"architectures": ["TelechatForCausalLM"]})
 
 
@@ -66,10 +66,14 @@ def _write_checkpoint(out: Path, config: TeleChatConfig, tensors: dict[str, torc
 
 
 def _block_tensors(config: TeleChatConfig, i: int, q, k, v, o, gate, up, down, attn_norm, ffn_norm,
-                   o_bias=None, down_bias=None) -> dict[str, torch.Tensor]:
+                   o_bias=None, q_bias=None, k_bias=None, v_bias=None) -> dict[str, torch.Tensor]:
     p = f"transformer.h.{i}."
     zeros = torch.zeros(config.hidden_size, dtype=torch.float32)
-    return {
+    extra = {}
+    if config.qkv_bias:
+        extra = {p + "self_attention.query.bias": q_bias,
+                 p + "self_attention.key_value.bias": merge_key_value(k_bias, v_bias, config)}
+    return extra | {
         p + "input_layernorm.weight": attn_norm,
         p + "self_attention.query.weight": q,
         p + "self_attention.key_value.weight": merge_key_value(k, v, config),
@@ -79,7 +83,7 @@ def _block_tensors(config: TeleChatConfig, i: int, q, k, v, o, gate, up, down, a
         p + "mlp.gate_proj.weight": gate,
         p + "mlp.up_proj.weight": up,
         p + "mlp.down_proj.weight": down,
-        p + "mlp.down_proj.bias": zeros.clone() if down_bias is None else down_bias,
+        p + "mlp.down_proj.bias": zeros.clone(),
     }
 
 
@@ -212,26 +216,31 @@ def _assemble(config: TeleChatConfig, take, names: dict[str, str], source: str) 
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = get("head")
     for i in range(config.n_layer):
+        biases = {arg: get(key, i) for arg, key in (("q_bias", "qb"), ("k_bias", "kb"), ("v_bias", "vb"),
+                                                     ("o_bias", "ob")) if key in names}
         out.update(_block_tensors(config, i, get("q", i), get("k", i), get("v", i), get("o", i), get("gate", i),
-                                  get("up", i), get("down", i), get("attn_norm", i), get("ffn_norm", i)))
+                                  get("up", i), get("down", i), get("attn_norm", i), get("ffn_norm", i), **biases))
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
 # ---- HF LLaMA-style folders ------------------------------------------------------------------------
 def import_hf(path: str | Path, output: str | Path, progress: bool = True) -> Path:
-    """Convert an HF `LlamaForCausalLM`-style folder (safetensors or bin, sharded or not)."""
+    """Convert an HF LLaMA-style folder (Llama, Mistral without sliding window, Qwen2; safetensors or bin)."""
     path = Path(path)
     try:
         hf = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no config.json") from None
-    archs = hf.get("architectures") or []
-    if hf.get("model_type") not in ("llama", "mistral") and not any("Llama" in a or "Mistral" in a for a in archs):
-        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported "
-                              "(expected a LLaMA-style model)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise CheckpointError(f"{path}: {flag}=true cannot be expressed in the TeleChat layout")
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "mistral", "qwen2"):
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported "
+                              "(expected a LLaMA-style model: llama, mistral or qwen2)")
+    if hf.get("mlp_bias"):
+        raise CheckpointError(f"{path}: mlp_bias=true (biases on gate/up) cannot be expressed in the TeleChat layout")
+    if hf.get("use_sliding_window") or (model_type == "mistral" and hf.get("sliding_window")):
+        raise CheckpointError(f"{path}: sliding-window attention is not supported")
+    attention_bias = bool(hf.get("attention_bias"))  # LLaMA: biases on q, k, v and o
+    qkv_bias = attention_bias or model_type == "qwen2"  # Qwen2: biases on q, k, v only
     rope = dict(hf.get("rope_parameters") or {})  # transformers 5 keeps rope_theta here
     scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"}
                                          if rope.get("rope_type", "default") != "default" else None)
@@ -251,7 +260,8 @@ def import_hf(path: str | Path, output: str | Path, progress: bool = True) -> Pa
         n_kv_head=hf.get("num_key_value_heads") or n_head, ffn=hf["intermediate_size"],
         eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
         context=hf.get("max_position_embeddings", 2048), tied=bool(hf.get("tie_word_embeddings", False)),
-        bos=one(hf.get("bos_token_id")), eos=one(hf.get("eos_token_id")), pad=one(hf.get("pad_token_id")), unk=None)
+        bos=one(hf.get("bos_token_id")), eos=one(hf.get("eos_token_id")), pad=one(hf.get("pad_token_id")), unk=None,
+        qkv_bias=qkv_bias)
     raw: dict[str, torch.Tensor] = {}
     files = weight_files(path)
     bar = _progress(len(files), f"importing {path.name}", progress)
@@ -267,7 +277,10 @@ def import_hf(path: str | Path, output: str | Path, progress: bool = True) -> Pa
         "v": "layers.{i}.self_attn.v_proj.weight", "o": "layers.{i}.self_attn.o_proj.weight",
         "gate": "layers.{i}.mlp.gate_proj.weight", "up": "layers.{i}.mlp.up_proj.weight",
         "down": "layers.{i}.mlp.down_proj.weight", "attn_norm": "layers.{i}.input_layernorm.weight",
-        "ffn_norm": "layers.{i}.post_attention_layernorm.weight"}, str(path))
+        "ffn_norm": "layers.{i}.post_attention_layernorm.weight",
+        **({"qb": "layers.{i}.self_attn.q_proj.bias", "kb": "layers.{i}.self_attn.k_proj.bias",
+            "vb": "layers.{i}.self_attn.v_proj.bias"} if qkv_bias else {}),
+        **({"ob": "layers.{i}.self_attn.o_proj.bias"} if attention_bias else {})}, str(path))
     leftover = [k for k in raw if not k.endswith("rotary_emb.inv_freq")]
     if leftover:
         raise CheckpointError(f"{path}: unexpected tensors: {', '.join(leftover[:10])}")
@@ -312,6 +325,9 @@ def export_vllm(source: str | Path, output: str | Path) -> Path:
     src = resolve_model(source)
     model = load_model(src)
     c = model.config
+    if c.qkv_bias or not c.bias:
+        raise CheckpointError(f"{src}: vLLM's TeleChat2 layout has biases on dense/down_proj only; this model "
+                              f"has qkv_bias={c.qkv_bias}, bias={c.bias}")
     base, mscale = c.rope_scaling(c.training_seqlen)
     assert mscale == 1.0  # by construction of the rule at L' = training_seqlen
     sd = model.state_dict()

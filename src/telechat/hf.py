@@ -21,14 +21,17 @@ from .model import TeleChat
 
 def split_key_value(weight: torch.Tensor, config: TeleChatConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-head interleaved `key_value` weight [2*n_kv*d, H] -> (K weight, V weight), each [n_kv*d, H]."""
-    kv = weight.view(config.n_kv_head, 2, config.head_dim, -1)
+    kv = weight.reshape(config.n_kv_head, 2, config.head_dim, -1)
+    if weight.dim() == 1:  # the bias
+        return kv[:, 0].reshape(-1), kv[:, 1].reshape(-1)
     return kv[:, 0].reshape(-1, weight.shape[-1]), kv[:, 1].reshape(-1, weight.shape[-1])
 
 
 def merge_key_value(k: torch.Tensor, v: torch.Tensor, config: TeleChatConfig) -> torch.Tensor:
-    """Inverse of `split_key_value`."""
+    """Inverse of `split_key_value`; also for the [n_kv*d] biases (returns [2*n_kv*d])."""
     n, d = config.n_kv_head, config.head_dim
-    return torch.stack([k.view(n, d, -1), v.view(n, d, -1)], dim=1).reshape(2 * n * d, -1)
+    merged = torch.stack([k.reshape(n, d, -1), v.reshape(n, d, -1)], dim=1).reshape(2 * n * d, -1)
+    return merged.squeeze(-1) if k.dim() == 1 else merged
 
 
 def llama_config(config: TeleChatConfig):
@@ -42,7 +45,7 @@ def llama_config(config: TeleChatConfig):
         num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
         head_dim=config.head_dim, rms_norm_eps=config.layer_norm_epsilon, rope_theta=base,
         max_position_embeddings=config.training_seqlen, tie_word_embeddings=config.tie_word_embeddings,
-        attention_bias=config.bias, mlp_bias=config.bias, hidden_act="silu",
+        attention_bias=config.bias or config.qkv_bias, mlp_bias=config.bias or config.qkv_bias, hidden_act="silu",
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
 
 
@@ -67,16 +70,19 @@ def llama_state_dict(model: TeleChat) -> dict[str, torch.Tensor]:
             q + "mlp.up_proj.weight": sd[p + "mlp.up_proj.weight"],
             q + "mlp.down_proj.weight": sd[p + "mlp.down_proj.weight"],
         })
-        if c.bias:
+        if c.bias or c.qkv_bias:
             zeros = lambda n: torch.zeros(n, dtype=k.dtype, device=k.device)  # noqa: E731
+            qb = sd.get(p + "self_attention.query.bias")
+            kb, vb = split_key_value(sd[p + "self_attention.key_value.bias"], c) if c.qkv_bias else (None, None)
+            ob, db = sd.get(p + "self_attention.dense.bias"), sd.get(p + "mlp.down_proj.bias")
             out.update({
-                q + "self_attn.q_proj.bias": zeros(c.n_head * c.head_dim),
-                q + "self_attn.k_proj.bias": zeros(c.n_kv_head * c.head_dim),
-                q + "self_attn.v_proj.bias": zeros(c.n_kv_head * c.head_dim),
-                q + "self_attn.o_proj.bias": sd[p + "self_attention.dense.bias"],
+                q + "self_attn.q_proj.bias": qb if qb is not None else zeros(c.n_head * c.head_dim),
+                q + "self_attn.k_proj.bias": kb if kb is not None else zeros(c.n_kv_head * c.head_dim),
+                q + "self_attn.v_proj.bias": vb if vb is not None else zeros(c.n_kv_head * c.head_dim),
+                q + "self_attn.o_proj.bias": ob if ob is not None else zeros(c.hidden_size),
                 q + "mlp.gate_proj.bias": zeros(c.ffn_hidden_size),
                 q + "mlp.up_proj.bias": zeros(c.ffn_hidden_size),
-                q + "mlp.down_proj.bias": sd[p + "mlp.down_proj.bias"],
+                q + "mlp.down_proj.bias": db if db is not None else zeros(c.hidden_size),
             })
     return out
 

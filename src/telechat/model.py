@@ -68,9 +68,9 @@ class Attention(nn.Module):
         super().__init__()
         H, d = config.hidden_size, config.head_dim
         self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_kv_head, d
-        self.query = Linear(H, self.n_head * d, bias=False)
+        self.query = Linear(H, self.n_head * d, bias=config.qkv_bias)
         # Rows interleaved per KV head: [K_h (d rows), V_h (d rows)] for each head h.
-        self.key_value = Linear(H, 2 * self.n_kv * d, bias=False)
+        self.key_value = Linear(H, 2 * self.n_kv * d, bias=config.qkv_bias)
         self.dense = Linear(self.n_head * d, H, bias=config.bias)
         self.dropout = config.attention_dropout
         self.cache: KVCache | None = None

@@ -11,7 +11,7 @@ class TelechatConfig(PretrainedConfig):
     def __init__(self, vocab_size=120000, hidden_size=5120, n_layer=38, n_head=32, ffn_hidden_size=12288,
                  layer_norm_epsilon=1e-5, training_seqlen=8192, seq_length=8192, base_seqlen=None,
                  rope_theta=10000.0, num_key_value_heads=None, hidden_dropout=0.0, attention_dropout=0.0,
-                 embed_layernorm=False, bias=True, tie_word_embeddings=True, **kwargs):
+                 embed_layernorm=False, bias=True, qkv_bias=False, tie_word_embeddings=True, **kwargs):
         for alias in self.attribute_map:
             kwargs.pop(alias, None)
         self.vocab_size = vocab_size
@@ -29,4 +29,5 @@ class TelechatConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.embed_layernorm = embed_layernorm
         self.bias = bias
+        self.qkv_bias = qkv_bias
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
