@@ -76,12 +76,15 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                input_pos: Tensor | None, kv_len: int) -> Tensor:
+                input_pos: Tensor | None, kv_len: int, last_only: bool = False) -> Tensor:
+        """With `last_only`, keys/values cover every position but only the last one is attended from."""
         B, T, _ = x.shape
-        q = self.query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k, v = self.key_value(x).view(B, T, self.n_kv, 2, self.head_dim).unbind(3)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+        if last_only:
+            x, cos, sin, T = x[:, -1:], cos[..., -1:, :], sin[..., -1:, :], 1
+            mask = None if mask is None else mask[..., -1:, :]  # the last query sees every key it may see
+        q = apply_rope(self.query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
         if self.cache is not None and input_pos is not None:
             k, v = self.cache.update(input_pos, k, v)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
@@ -113,9 +116,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = config.hidden_dropout
 
-    def forward(self, h, cos, sin, mask, input_pos, kv_len):
-        a = self.self_attention(self.input_layernorm(h), cos, sin, mask, input_pos, kv_len)
-        h = h + F.dropout(a, self.dropout, self.training)
+    def forward(self, h, cos, sin, mask, input_pos, kv_len, last_only: bool = False):
+        a = self.self_attention(self.input_layernorm(h), cos, sin, mask, input_pos, kv_len, last_only)
+        h = (h[:, -1:] if last_only else h) + F.dropout(a, self.dropout, self.training)
         m = self.mlp(self.post_attention_layernorm(h))
         return h + F.dropout(m, self.dropout, self.training)
 
@@ -134,7 +137,10 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, attention_mask: Tensor | None = None,
-                kv_len: int | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                kv_len: int | None = None, rope: tuple[Tensor, Tensor] | None = None,
+                last_only: bool = False) -> Tensor:
+        """last_only: hidden state of the last position only ([B, 1, H]); the last block then runs
+        its query, attention output and MLP for that position alone (keys/values still cover all)."""
         B, T = input_ids.shape
         if input_pos is None:
             input_pos, kv_len, cached = torch.arange(T, device=input_ids.device), T, None
@@ -147,12 +153,14 @@ class Transformer(nn.Module):
             h = self.word_embeddings_layernorm(h)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         mask = build_mask(input_pos, kv_len, attention_mask)
-        for block in self.h:
+        for i, block in enumerate(self.h):
+            last = last_only and i == len(self.h) - 1
             if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cached, kv_len, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cached, kv_len, last,
+                                                      use_reentrant=False)
             else:
-                h = block(h, cos, sin, mask, cached, kv_len)
-        return self.ln_f(h)
+                h = block(h, cos, sin, mask, cached, kv_len, last)
+        return self.ln_f(h[:, -1:] if last_only else h)
 
 
 class TeleChat(nn.Module):
@@ -196,8 +204,7 @@ class TeleChat(nn.Module):
         last_only: return logits of the last position only ([B, 1, V]), as generation needs.
         rope: precomputed (cos, sin) for these positions (lets a compiled step avoid recompiles).
         """
-        h = self.transformer(input_ids, input_pos, attention_mask, kv_len, rope)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        return self.lm_head(self.transformer(input_ids, input_pos, attention_mask, kv_len, rope, last_only))
 
     def chat(self, tokenizer, question: str, history=None, generation_config=None, stream: bool = False, **kwargs):
         """The published calling convention: `model.chat(tokenizer, question, history, generation_config)`."""
