@@ -55,6 +55,13 @@ def test_hf_llama_folder_import_matches_transformers(hf_llama_dir, tmp_path):
         hf_out = model.generate(ids[:1, :8], max_new_tokens=12, min_new_tokens=12, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)
     assert torch.equal(llm.generate(ids[:1, :8], max_new_tokens=12, eos_token_id=-1, repetition_penalty=1.0), hf_out)
+    # transformers reads the imported folder through its Auto classes too.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    auto = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.inference_mode():
+        assert rel_err(auto(ids).logits, ref) < 1e-4
+    assert AutoTokenizer.from_pretrained(out)("hello 2024")["input_ids"] == llm.tokenizer.encode("hello 2024")
     # Tokenizer and chat template travel with it; the chat format comes from the checkpoint.
     assert (out / "tokenizer.json").exists()
     assert llm.chat_format == "template"

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, iter_tensors, weight_files
 from .config import TeleChatConfig
-from .hf import merge_key_value
+from .hf import AUTO_MAP, merge_key_value, write_remote_code
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -56,6 +56,7 @@ def _atomic_folder(out: Path):
 def _write_checkpoint(out: Path, config: TeleChatConfig, tensors: dict[str, torch.Tensor], tokenizer_json: str | None,
                       tokenizer_config: dict, generation_config: dict) -> None:
     """A failed import leaves nothing half-made."""
+    config.extra["auto_map"] = dict(AUTO_MAP)
     with _atomic_folder(Path(out)) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save(tmp / "config.json")
@@ -63,6 +64,7 @@ def _write_checkpoint(out: Path, config: TeleChatConfig, tensors: dict[str, torc
             (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+        write_remote_code(tmp)  # transformers' Auto classes read it like a saved folder
 
 
 def _block_tensors(config: TeleChatConfig, i: int, q, k, v, o, gate, up, down, attn_norm, ffn_norm,
