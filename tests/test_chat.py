@@ -347,3 +347,24 @@ def test_programmed_long_history_is_truncated(tiny):
     assert tiny.generation_config["max_length"] == 32
     answer, h = tiny.chat("问", _history(20), max_new_tokens=5)
     assert answer == "你好" and len(h) == 42
+
+
+def test_large_max_new_tokens_does_not_cut_the_question(tiny):
+    question = "今天天气很好"
+    ids = tiny.encode_chat(question)
+    assert len(ids) <= tiny.config.seq_length // 2  # fits once half the context is left for the answer
+    seen = {}
+    import telechat.chat as chat_mod
+
+    real = chat_mod.generate_tokens
+
+    def spy(model, input_ids, params, **kw):
+        seen["prompt"] = input_ids[0].tolist()
+        return real(model, input_ids, params, **kw)
+
+    chat_mod.generate_tokens = spy
+    try:
+        tiny.chat(question, max_new_tokens=tiny.config.seq_length, eos_token_id=-1)
+    finally:
+        chat_mod.generate_tokens = real
+    assert seen["prompt"] == ids

@@ -426,3 +426,14 @@ def test_peak_memory_shard_by_shard(tmp_path):
     growth = (after - before) * 1024  # ru_maxrss is in KiB on Linux
     assert growth > 0.8 * nbytes, (before, after)  # the weights really are in memory (and measured)
     assert growth < 1.5 * nbytes, f"peak RSS grew by {growth / 1e6:.0f} MB for a {nbytes / 1e6:.0f} MB model"
+
+
+def test_safetensors_win_over_a_stale_bin_index(tiny_dir, tmp_path):
+    # Saving over an official .bin checkpoint leaves its index behind; the new weights must load.
+    d = _tiny_copy(tiny_dir, tmp_path / "mixed")
+    llm = telechat.load(d)
+    sd = {k: v.clone() for k, v in llm.model.state_dict().items()}
+    torch.save({k: torch.zeros_like(v) for k, v in sd.items()}, d / "pytorch_model-00001-of-00001.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: "pytorch_model-00001-of-00001.bin" for k in sd}}))
+    assert torch.equal(logits(telechat.load(d)), logits(llm))

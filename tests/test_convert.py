@@ -237,3 +237,19 @@ def test_export_for_vllm_keeps_the_math(tmp_path, kv_heads):
     ids = torch.randint(0, c.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert rel_err(ref(ids).logits, llm.model(ids)) < 1e-5
+
+
+def test_output_that_is_not_a_checkpoint_is_never_replaced(hf_llama_dir, tmp_path, monkeypatch):
+    src, _ = hf_llama_dir
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        import_model(src, precious, progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    # The working directory itself (`--output .`) is refused even when it looks like a checkpoint.
+    ckpt = import_model(src, tmp_path / "ckpt", progress=False)
+    monkeypatch.chdir(ckpt)
+    with pytest.raises(CheckpointError, match="working directory"):
+        import_model(src, ".", progress=False)
+    assert (ckpt / "config.json").exists()

@@ -279,7 +279,9 @@ def test_process_logits_matches_transformers(penalty, temperature, top_k, top_p)
 def test_resolve_params_defaults_from_generation_config(tiny):
     gc = tiny.generation_config
     p = tiny.sampling_params()
-    assert p.max_new_tokens == gc["max_length"] == 32
+    # max_length bounds prompt + answer, so only callers that know the prompt (generate, chat) apply it.
+    assert p.max_new_tokens == 256 and gc["max_length"] == 32
+    assert tiny.generate([5, 6, 7], eos_token_id=-1).shape == (1, 32)
     assert p.do_sample is False and p.repetition_penalty == 1.0
     assert p.stop_ids == sorted({gc["eos_token_id"], gc["user_token_id"]}) == [2, 4]
     assert p.pad_id == gc["pad_token_id"] == 3

@@ -75,3 +75,11 @@ def test_registration_happens_when_transformers_is_imported_later():
             "print('telechat' in CONFIG_MAPPING)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "True", r.stderr[-2000:]
+
+
+def test_registration_survives_an_availability_probe():
+    code = ("import importlib.util, telechat\nimportlib.util.find_spec('transformers')\n"
+            "import transformers\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+            "print('telechat' in CONFIG_MAPPING)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "True", r.stderr[-2000:]

@@ -54,6 +54,8 @@ def build_chat_ids(tokenizer: Tokenizer, question: str, history: list[dict] | No
             raise ValueError(f"max_length {max_length} cannot hold even an empty question (needs >= 3)")
         q = q[-(max_length - 2):] if max_length > 2 else []
     prompt = [user, *q, bot]
+    if max_length is not None and len(system) + len(prompt) > max_length:
+        system = []  # the question comes first
     # Group history into turns (a user message and the bot answer after it) and add newest first.
     turns: list[list[int]] = []
     for msg in history:
@@ -68,8 +70,6 @@ def build_chat_ids(tokenizer: Tokenizer, question: str, history: list[dict] | No
         if max_length is not None and len(system) + len(turn) + len(kept) + len(prompt) > max_length:
             break
         kept = turn + kept
-    if max_length is not None and len(system) + len(kept) + len(prompt) > max_length:
-        system = []
     return system + kept + prompt
 
 
@@ -160,7 +160,8 @@ def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] 
     max_new = kwargs.pop("max_new_tokens", None)
     if max_new is None:
         max_new = defaults.get("max_new_tokens")
-    reserve = int(max_new) if max_new is not None else min(1024, context // 2)
+    # Room for the answer, but never so much that the question itself gets cut.
+    reserve = min(int(max_new), context // 2) if max_new is not None else min(1024, context // 2)
     ids = encode_conversation(tokenizer, question, history_list, max_length=max(3, context - reserve))
     if max_new is None:
         max_new = max(1, context - len(ids))

@@ -30,8 +30,8 @@ class CheckpointError(ValueError):
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
     try:
         return DTYPES[str(dtype).removeprefix("torch.")]
     except KeyError:
@@ -51,8 +51,11 @@ def to_internal_key(key: str) -> str:
 
 def weight_files(path: Path) -> list[Path]:
     """The weight files of a checkpoint folder, in index order."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    # Safetensors first: a folder saved over an official .bin checkpoint holds both.
+    for index_name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json"):
         index = path / index_name
+        if index_name == "model.safetensors" and index.exists():
+            return [index]
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]

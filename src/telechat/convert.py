@@ -40,7 +40,17 @@ def _llama_config(*, vocab_size, hidden_size, n_layer, n_head, n_kv_head, ffn, e
 
 @contextlib.contextmanager
 def _atomic_folder(out: Path):
-    """Yield a temporary folder beside `out` that replaces `out` only if the block succeeds."""
+    """Yield a temporary folder beside `out` that replaces `out` only if the block succeeds.
+
+    An existing `out` is replaced only when it is empty or a checkpoint folder (has config.json),
+    and never when it holds the working directory.
+    """
+    out = out.expanduser().resolve()
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").exists()):
+            raise CheckpointError(f"{out}: exists and is not a checkpoint folder; refusing to replace it")
+        if Path.cwd().resolve().is_relative_to(out):
+            raise CheckpointError(f"{out}: is (or contains) the working directory; choose another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
@@ -116,11 +126,13 @@ def gguf_tokenizer(reader) -> tuple[str, dict]:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     pre = _gguf_field(reader, "tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    # Pre-tokenizers whose llama.cpp rule splits every digit before the GPT-2 regex.
-    if pre in ("smollm", "starcoder", "refact", "llama-bpe-digits"):
+    # llama.cpp's pre-tokenizer rules that are the GPT-2 regex, with or without single digits first.
+    if pre in ("smollm", "starcoder", "refact"):
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
+    elif pre in ("default", "gpt-2", "gpt2"):
         tok.pre_tokenizer = byte_level
+    else:
+        raise CheckpointError(f"GGUF pre-tokenizer {pre!r} is not supported (known: smollm, starcoder, refact, gpt-2)")
     tok.decoder = decoders.ByteLevel()
     from tokenizers import AddedToken
 
@@ -162,6 +174,9 @@ def import_gguf(path: str | Path, output: str | Path, progress: bool = True) -> 
     if int(g("rope.dimension_count", hidden // n_head)) != hidden // n_head:
         raise CheckpointError(f"{path}: partial rotary dimensions are not supported")
     names = {t.name for t in reader.tensors}
+    scaling = _gguf_field(reader, "llama.rope.scaling.type")
+    if (scaling not in (None, "none")) or "rope_freqs.weight" in names:
+        raise CheckpointError(f"{path}: rope scaling ({scaling or 'rope_freqs.weight'}) is not supported")
     tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
     tok_id = lambda key: (int(v) if (v := _gguf_field(reader, key)) is not None else None)  # noqa: E731
     config = _llama_config(
@@ -189,6 +204,8 @@ def import_gguf(path: str | Path, output: str | Path, progress: bool = True) -> 
         "o": "blk.{i}.attn_output.weight", "gate": "blk.{i}.ffn_gate.weight", "up": "blk.{i}.ffn_up.weight",
         "down": "blk.{i}.ffn_down.weight", "attn_norm": "blk.{i}.attn_norm.weight",
         "ffn_norm": "blk.{i}.ffn_norm.weight"}, str(path))
+    if raw:
+        raise CheckpointError(f"{path}: tensors this import cannot express: {', '.join(sorted(raw)[:10])}")
     tokenizer_json, tokenizer_config = gguf_tokenizer(reader)
     _write_checkpoint(Path(output), config, tensors, tokenizer_json, tokenizer_config,
                       _generation_config(config, tokenizer_config, tokenizer_json))

@@ -59,9 +59,9 @@ def resolve_params(defaults: dict, vocab_size: int, **overrides) -> SamplingPara
     else:  # generation_config's eos_token_id may be an int or a list (HF convention)
         stops = as_list(merged.get("eos_token_id")) + as_list(merged.get("user_token_id"))
     kw = {k: v for k, v in merged.items() if k in names and k not in ("stop_ids", "pad_id")}
-    if "max_new_tokens" not in kw and merged.get("max_length"):
-        kw["max_new_tokens"] = int(merged["max_length"])
-    pad = merged.get("pad_token_id", merged.get("pad_id"))
+    pad = overrides.get("pad_id")
+    if pad is None:
+        pad = merged.get("pad_token_id", merged.get("pad_id"))
     return SamplingParams(
         **kw,
         stop_ids=sorted({int(i) for i in stops if i is not None and 0 <= int(i) < vocab_size}),

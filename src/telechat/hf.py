@@ -144,19 +144,27 @@ def register_auto_classes() -> None:
 
 class _RegisterWhenImported(importlib.abc.MetaPathFinder):
     """Registers the Auto classes right after `transformers` is first imported, so that importing
-    telechat does not pay for importing transformers."""
+    telechat does not pay for importing transformers. Probes with find_spec leave it in place."""
+
+    def __init__(self):
+        self.busy = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != "transformers" or self.busy:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
+        self.busy = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.busy = False
+        if spec is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_and_register(module):
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             try:
                 register_auto_classes()
             except Exception:  # never break `import transformers`
