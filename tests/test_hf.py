@@ -69,17 +69,13 @@ def test_auto_classes_resolve_telechat_after_import(tmp_path, sp_model):
     assert torch.equal(out, llm.generate(ids[:1, :6], max_new_tokens=6, eos_token_id=-1, repetition_penalty=1.0))
 
 
-def test_registration_happens_when_transformers_is_imported_later():
-    code = ("import sys, telechat\nassert 'transformers' not in sys.modules\n"
-            "from transformers import AutoConfig\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
-            "print('telechat' in CONFIG_MAPPING)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "True", r.stderr[-2000:]
-
-
-def test_registration_survives_an_availability_probe():
-    code = ("import importlib.util, telechat\nimportlib.util.find_spec('transformers')\n"
-            "import transformers\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+@pytest.mark.parametrize("before", [
+    "assert 'transformers' not in sys.modules",  # transformers imported after telechat
+    "importlib.util.find_spec('transformers')",  # an availability probe must not undo the hook
+])
+def test_auto_registration_when_transformers_is_imported_later(before):
+    code = (f"import importlib.util, sys, telechat\n{before}\nimport transformers\n"
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
             "print('telechat' in CONFIG_MAPPING)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "True", r.stderr[-2000:]
