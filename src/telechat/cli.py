@@ -148,6 +148,48 @@ def export(model: str, /, output: str, for_: Literal["vllm"] = "vllm") -> int:
     return 0
 
 
+@command
+def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_concurrency: int = 8, max_queue: int = 64, max_model_len: int | None = None,
+          served_model_name: str | None = None, device: str = "cpu", dtype: str | None = None,
+          max_body_bytes: int = 2 * 1024 * 1024, log_level: str = "info") -> int:
+    """Serve a model over HTTP: OpenAI-compatible API, TeleChat's endpoints and a web chat page.
+
+    Endpoints: GET / (chat page), GET /v1/models, POST /v1/chat/completions, POST /v1/completions
+    (streaming as server-sent events), POST /telechat/gptDialog/v2 (streamed text) and
+    /telechat/gptDialog/v4 (JSON), GET /health, GET /metrics (Prometheus). Requests share one
+    continuously batched engine: up to --max-concurrency generate at once, up to --max-queue more
+    wait, and beyond that the server answers 429 with Retry-After.
+
+    Args:
+        model: checkpoint folder, or "default".
+        host: address to bind (127.0.0.1 keeps it on this machine; 0.0.0.0 exposes it).
+        port: TCP port.
+        api_key: require `Authorization: Bearer KEY` on every endpoint but /health (the page takes it as a Basic-auth password).
+        max_concurrency: sequences decoded together (KV-cache slots).
+        max_queue: requests that may wait for a slot before the server answers 429.
+        max_model_len: context per sequence (default: the model's).
+        served_model_name: the model id clients send (default: the folder name).
+        device: torch device, e.g. cpu or cuda.
+        dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
+        max_body_bytes: larger request bodies are refused with 413.
+        log_level: uvicorn log level.
+    """
+    import uvicorn
+
+    from . import load
+    from .serve.app import create_app
+
+    llm = load(model, device=device, dtype=dtype)
+    app = create_app(llm, model_name=served_model_name, api_key=api_key,
+                     max_concurrency=max_concurrency, max_queue=max_queue, max_model_len=max_model_len,
+                     max_body_bytes=max_body_bytes)
+    name = app.state.server.model_name
+    print(f"telechat: serving {name} on http://{host}:{port}  (web chat at /, OpenAI API at /v1)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
 # ---- argparse from signatures --------------------------------------------------------------------
 def _doc_parts(fn: Callable) -> tuple[str, dict[str, str]]:
     doc = inspect.getdoc(fn) or ""

@@ -5,6 +5,8 @@ Module names follow the official checkpoint, so `state_dict()` keys are the publ
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,11 +35,21 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope_cos_sin(config: TeleChatConfig, positions: Tensor, total_len: int) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [..., T, head_dim] in fp32 for `positions`, scaled for a sequence of `total_len`."""
-    base, mscale = config.rope_scaling(total_len)
+def rope_cos_sin(config: TeleChatConfig, positions: Tensor, total_len: int | list[int]) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [..., T, head_dim] in fp32 for `positions`, scaled for a sequence of `total_len`.
+
+    Per-row positions [B, T] may come with one total length per row (a batch of unrelated sequences).
+    """
     d = config.head_dim
-    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
+    exponent = torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d
+    if isinstance(total_len, int):
+        base, mscale = config.rope_scaling(total_len)
+        inv_freq = 1.0 / base ** exponent
+    else:  # same arithmetic per distinct (base, mscale), so a row matches its single-sequence tables
+        scalings = [config.rope_scaling(n) for n in total_len]
+        tables = {s: 1.0 / s[0] ** exponent for s in set(scalings)}
+        inv_freq = torch.stack([tables[s] for s in scalings])[:, None]  # [B, 1, d/2]
+        mscale = torch.tensor([s[1] for s in scalings], device=positions.device)[:, None, None]
     theta = positions.float()[..., None] * inv_freq
     emb = torch.cat((theta, theta), dim=-1)
     return emb.cos() * mscale, emb.sin() * mscale
@@ -58,9 +70,32 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+        """Write k/v [B, n_kv, T, d] at positions [T] (all rows) or [B, T] (per row, cache rows 0..B-1)."""
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return self.k, self.v
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[: k.shape[0]], self.v[: k.shape[0]]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start:stop of this one; it shares the storage, so writes land here."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[start:stop], persistent=False)
+        view.register_buffer("v", self.v[start:stop], persistent=False)
+        return view
+
+    def resized(self, max_len: int) -> "KVCache":
+        """A copy with room for `max_len` positions (the first min(old, new) positions kept)."""
+        B, n_kv, old, d = self.k.shape
+        new = KVCache(B, n_kv, max_len, d, self.k.dtype, self.k.device)
+        keep = min(old, max_len)
+        new.k[:, :, :keep] = self.k[:, :, :keep]
+        new.v[:, :, :keep] = self.v[:, :, :keep]
+        return new
 
 
 class Attention(nn.Module):
@@ -145,9 +180,16 @@ class Transformer(nn.Module):
         if input_pos is None:
             input_pos, kv_len, cached = torch.arange(T, device=input_ids.device), T, None
         else:
-            kv_len = kv_len or int(input_pos[-1]) + 1
+            kv_len = kv_len or int(input_pos.max()) + 1
             cached = input_pos
-        cos, sin = rope if rope is not None else rope_cos_sin(self.config, input_pos, kv_len)
+        if rope is not None:
+            cos, sin = rope
+        elif input_pos.dim() == 2:  # each row its own sequence: its own length for the NTK rule
+            cos, sin = rope_cos_sin(self.config, input_pos, [int(p) + 1 for p in input_pos.amax(1)])
+        else:
+            cos, sin = rope_cos_sin(self.config, input_pos, kv_len)
+        if input_pos.dim() == 2 and cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         h = self.word_embeddings(input_ids)
         if self.config.embed_layernorm:
             h = self.word_embeddings_layernorm(h)
@@ -186,6 +228,24 @@ class TeleChat(nn.Module):
         for block in self.transformer.h:
             block.self_attention.cache = None
 
+    def resize_cache(self, max_len: int) -> None:
+        """Grow (or shrink) the allocated cache to `max_len` positions, keeping its contents."""
+        for block in self.transformer.h:
+            block.self_attention.cache = block.self_attention.cache.resized(max_len)
+
+    @contextmanager
+    def cache_rows(self, start: int, stop: int):
+        """Within the block the model sees only cache rows start:stop (e.g. to prefill one sequence
+        of a batch whose other rows keep decoding)."""
+        caches = [block.self_attention.cache for block in self.transformer.h]
+        try:
+            for block, cache in zip(self.transformer.h, caches):
+                block.self_attention.cache = cache.rows(start, stop)
+            yield self
+        finally:
+            for block, cache in zip(self.transformer.h, caches):
+                block.self_attention.cache = cache
+
     @property
     def cache_shape(self) -> tuple[int, int] | None:
         """(batch_size, max_len) of the allocated cache, or None."""
@@ -198,8 +258,8 @@ class TeleChat(nn.Module):
                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Logits for `input_ids` [B, T].
 
-        input_pos: positions [T] of these tokens; with a cache set up, keys/values are written
-            there and attention covers cache positions 0..kv_len-1 (default input_pos[-1] + 1).
+        input_pos: positions [T] of these tokens, or [B, T] per row; with a cache set up, keys/values
+            are written there and attention covers cache positions 0..kv_len-1 (default max + 1).
         attention_mask: [B, >= kv_len] with 0 on (left) padding, over all positions seen so far.
         last_only: return logits of the last position only ([B, 1, V]), as generation needs.
         rope: precomputed (cos, sin) for these positions (lets a compiled step avoid recompiles).
@@ -216,15 +276,19 @@ class TeleChat(nn.Module):
 
 
 def build_mask(input_pos: Tensor, kv_len: int, attention_mask: Tensor | None) -> Tensor | None:
-    """Boolean [B|1, 1, T, kv_len] mask, or None when plain causal attention (or none) is exact."""
-    T = input_pos.shape[0]
-    if attention_mask is None and (T == 1 or T == kv_len):
+    """Boolean [B|1, 1, T, kv_len] mask, or None when plain causal attention (or none) is exact.
+
+    Positions [B, T] (one sequence per row) give each row its own causal mask."""
+    T = input_pos.shape[-1]
+    if attention_mask is None and input_pos.dim() == 1 and (T == 1 or T == kv_len):
         return None
     keys = torch.arange(kv_len, device=input_pos.device)
-    mask = keys[None, :] <= input_pos[:, None]  # causal, [T, kv_len]
+    mask = keys <= input_pos[..., None]  # causal, [(B,) T, kv_len]
+    if input_pos.dim() == 2 and attention_mask is None:
+        return mask[:, None]
     if attention_mask is not None:
         # Padding keys are hidden; a key always sees itself so padded rows never go all -inf.
-        mask = (mask & attention_mask[:, None, :kv_len].bool()) | (keys[None, :] == input_pos[:, None])
+        mask = (mask & attention_mask[:, None, :kv_len].bool()) | (keys == input_pos[..., None])
         return mask[:, None]
     return mask[None, None]
 
