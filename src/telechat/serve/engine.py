@@ -256,10 +256,15 @@ class Engine:
         tokens, pos = [0] * n, [0] * n
         for s in rows:
             tokens[s.slot], pos[s.slot] = s.tokens[-1], s.pos
-        pos_t = torch.tensor(pos, device=self.device)[:, None]
-        rope = rope_cos_sin(self.model.config, pos_t, [p + 1 for p in pos])
-        logits = self.model(torch.tensor(tokens, device=self.device)[:, None], input_pos=pos_t, last_only=True,
-                            kv_len=max(pos) + 1, rope=rope)[:, -1].float()
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        if n == 1:  # one sequence: shared positions, no mask (the plain single-sequence path)
+            pos_t = torch.tensor(pos, device=self.device)
+            with self.model.cache_rows(0, 1):
+                logits = self.model(ids, input_pos=pos_t, last_only=True)[:, -1].float()
+        else:  # per-row positions write cache rows 0..n-1 and mask each row to its own length
+            pos_t = torch.tensor(pos, device=self.device)[:, None]
+            rope = rope_cos_sin(self.model.config, pos_t, [p + 1 for p in pos])
+            logits = self.model(ids, input_pos=pos_t, last_only=True, kv_len=max(pos) + 1, rope=rope)[:, -1].float()
         self.stats.steps += 1
         self._sample(rows, logits[[s.slot for s in rows]])
 
@@ -305,7 +310,10 @@ class Stream:
         self._ended = False
 
         def on_event(kind, value):
-            loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
 
         self.seq = engine.submit(Sequence(prompt, params, on_event, max_len))
 
