@@ -566,3 +566,192 @@ def test_causal_lm_loss_is_shifted_cross_entropy(tiny):
     assert abs(loss.item() - torch.stack(nll).mean().item()) < 1e-5
     # bf16 logits: the loss is computed in fp32
     assert causal_lm_loss(logits.bfloat16(), labels).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# per-row positions (continuous batching): one unrelated sequence per batch row
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sharp512() -> telechat.LLM:
+    """The sharp tiny model with room for 512 positions (NTK scaling past training_seqlen 32)."""
+    llm = make("tiny", seed=0, seq_length=512)
+    assert llm.config.training_seqlen == 32 and llm.config.seq_length == 512
+    return llm
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_per_row_positions_equal_single_sequence_decoding(sharp512, T):
+    # Rows at different positions, most past training_seqlen, so base and mscale differ per row.
+    m, c = sharp512.model, sharp512.config
+    lens, steps = [20, 40, 70, 33, 5], 3
+    assert len({c.rope_scaling(L + 1) for L in lens}) >= 3  # 20/5 plain, 33/40 alpha 3, 70 alpha 7
+    seqs = [random_ids(512, 1, L + steps * T, seed=30 + i) for i, L in enumerate(lens)]
+
+    single = []
+    for s, L in zip(seqs, lens):
+        m.setup_cache(1, 96)
+        m(s[:, :L], input_pos=torch.arange(L))
+        single.append(torch.cat([m(s[:, p:p + T], input_pos=torch.arange(p, p + T))
+                                 for p in range(L, L + steps * T, T)], 1)[0])
+
+    B = len(lens)
+    m.setup_cache(B + 1, 96)  # one row more than the batch: decoding touches rows 0..B-1 only
+    for i, (s, L) in enumerate(zip(seqs, lens)):
+        with m.cache_rows(i, i + 1):
+            m(s[:, :L], input_pos=torch.arange(L))
+    spare = [b.self_attention.cache.k[B].clone() for b in m.transformer.h]
+    outs = []
+    for k in range(steps):
+        pos = torch.stack([torch.arange(L + k * T, L + (k + 1) * T) for L in lens])  # [B, T]
+        ids = torch.cat([s[:, L + k * T:L + (k + 1) * T] for s, L in zip(seqs, lens)])
+        outs.append(m(ids, input_pos=pos))
+    batch = torch.cat(outs, 1)
+    assert all(torch.equal(b.self_attention.cache.k[B], k) for b, k in zip(m.transformer.h, spare))
+    m.clear_cache()
+    for i in range(B):
+        assert torch.allclose(batch[i], single[i], atol=1e-5, rtol=1e-5), (i, (batch[i] - single[i]).abs().max())
+
+
+def test_per_row_positions_with_one_shared_rope_would_differ(sharp512):
+    # Guard that the test above can fail: forcing the longest row's scaling onto every row changes logits.
+    m, c = sharp512.model, sharp512.config
+    lens = [20, 70]
+    seqs = [random_ids(512, 1, L + 1, seed=40 + i) for i, L in enumerate(lens)]
+    m.setup_cache(2, 96)
+    for i, (s, L) in enumerate(zip(seqs, lens)):
+        with m.cache_rows(i, i + 1):
+            m(s[:, :L], input_pos=torch.arange(L))
+    pos = torch.tensor([[L] for L in lens])
+    ids = torch.cat([s[:, L:] for s, L in zip(seqs, lens)])
+    right = m(ids, input_pos=pos)
+    wrong = m(ids, input_pos=pos, rope=rope_cos_sin(c, pos, max(lens) + 1))
+    m.clear_cache()
+    assert torch.allclose(right[1], wrong[1], atol=1e-6)  # the longest row is unaffected
+    assert (right[0] - wrong[0]).abs().max() > 1e-3
+
+
+def test_rope_cos_sin_per_row_lengths_equal_stacked_single_calls():
+    c = telechat.config.preset("tiny", seq_length=512)
+    totals = [5, 32, 33, 40, 70, 70, 200, 513]
+    pos = torch.stack([torch.arange(n - 3, n) for n in totals])  # [B, 3]: the last 3 positions of each
+    cos, sin = rope_cos_sin(c, pos, totals)
+    assert cos.shape == sin.shape == (len(totals), 3, c.head_dim) and cos.dtype == torch.float32
+    for i, n in enumerate(totals):
+        c1, s1 = rope_cos_sin(c, pos[i], n)
+        assert torch.equal(cos[i], c1) and torch.equal(sin[i], s1), n
+    # one shared total length still works with [B, T] positions (and differs where the scaling differs)
+    cos_shared, _ = rope_cos_sin(c, pos, 513)
+    assert torch.equal(cos_shared[-1], cos[-1]) and not torch.allclose(cos_shared[0], cos[0])
+
+
+def test_build_mask_with_per_row_positions_is_causal_per_row():
+    from telechat.model import build_mask
+
+    pos = torch.tensor([[3, 4], [7, 8], [0, 1]])
+    mask = build_mask(pos, 9, None)
+    assert mask.shape == (3, 1, 2, 9) and mask.dtype == torch.bool
+    for b in range(3):
+        for t in range(2):
+            assert mask[b, 0, t].tolist() == [k <= int(pos[b, t]) for k in range(9)]
+    # one token per row (a decode step): each row sees exactly its own prefix
+    step = build_mask(torch.tensor([[2], [6], [0]]), 7, None)
+    assert step.shape == (3, 1, 1, 7)
+    assert step[:, 0, 0].sum(-1).tolist() == [3, 7, 1]
+    # with a key mask: padding hidden, a key always sees itself
+    am = torch.ones(3, 9, dtype=torch.long)
+    am[0, :2] = 0
+    am[1, 8] = 0
+    masked = build_mask(pos, 9, am)
+    assert masked.shape == (3, 1, 2, 9)
+    assert masked[0, 0, 0].tolist() == [False, False, True, True] + [False] * 5
+    assert masked[1, 0, 1].tolist() == [True] * 9  # key 8 is padding but is the query itself
+    assert masked[1, 0, 0].tolist() == [True] * 8 + [False]
+    assert torch.equal(masked[2], mask[2])
+    # 1-D positions: plain causal attention needs no mask
+    assert build_mask(torch.tensor([5]), 6, None) is None
+    assert build_mask(torch.arange(6), 6, None) is None
+
+
+def test_cache_rows_prefill_writes_only_its_row_and_restores(sharp512):
+    m = sharp512.model
+    blocks = m.transformer.h
+    m.setup_cache(4, 16)
+    g = torch.Generator().manual_seed(5)
+    for b in blocks:  # sentinel contents, so any stray write shows
+        b.self_attention.cache.k.copy_(torch.randn(b.self_attention.cache.k.shape, generator=g))
+        b.self_attention.cache.v.copy_(torch.randn(b.self_attention.cache.v.shape, generator=g))
+    caches = [b.self_attention.cache for b in blocks]
+    before = [(c.k.clone(), c.v.clone()) for c in caches]
+    ids = random_ids(512, 1, 9, seed=50)
+    with m.cache_rows(2, 3) as mm:
+        assert mm is m and m.cache_shape == (1, 16)
+        out = m(ids, input_pos=torch.arange(9))
+    assert [b.self_attention.cache for b in blocks] == caches and m.cache_shape == (4, 16)
+    assert rel_err(out, m(ids)) < 1e-5
+
+    m.setup_cache(1, 16)  # the same prefill alone, for the expected row contents
+    m(ids, input_pos=torch.arange(9))
+    alone = [(b.self_attention.cache.k, b.self_attention.cache.v) for b in blocks]
+    for c, (k0, v0), (ka, va) in zip(caches, before, alone):
+        for new, old, ref in ((c.k, k0, ka), (c.v, v0, va)):
+            assert torch.equal(new[[0, 1, 3]], old[[0, 1, 3]])  # other rows untouched
+            assert torch.equal(new[2, :, 9:], old[2, :, 9:])  # row 2 past the prompt untouched
+            assert torch.allclose(new[2, :, :9], ref[0, :, :9], atol=1e-6)
+            assert not torch.allclose(new[2, :, :9], old[2, :, :9])
+
+    # restored even when the forward raises inside the block
+    for b, c in zip(blocks, caches):
+        b.self_attention.cache = c
+    snapshot = [c.k.clone() for c in caches]
+    with pytest.raises(IndexError):
+        with m.cache_rows(1, 2):
+            m(torch.tensor([[1, 2, 10_000]]), input_pos=torch.arange(3))  # id past the vocabulary
+    assert [b.self_attention.cache for b in blocks] == caches and m.cache_shape == (4, 16)
+    assert all(torch.equal(c.k, k) for c, k in zip(caches, snapshot))
+    m.clear_cache()
+
+
+def test_resize_cache_grows_and_keeps_contents(sharp512):
+    m = sharp512.model
+    ids = random_ids(512, 2, 30, seed=51)
+    full = m(ids)
+    m.setup_cache(2, 12)
+    prefill = m(ids[:, :10], input_pos=torch.arange(10))
+    old = [(b.self_attention.cache.k.clone(), b.self_attention.cache.v.clone()) for b in m.transformer.h]
+    m.resize_cache(32)
+    assert m.cache_shape == (2, 32)
+    for b, (k, v) in zip(m.transformer.h, old):
+        c = b.self_attention.cache
+        assert torch.equal(c.k[:, :, :12], k) and torch.equal(c.v[:, :, :12], v)
+        assert c.k[:, :, 12:].abs().sum() == 0 and c.v[:, :, 12:].abs().sum() == 0
+    # decoding goes on past the old size, through positions that need NTK scaling
+    steps = [m(ids[:, p:p + 1], input_pos=torch.tensor([p])) for p in range(10, 30)]
+    cached = torch.cat([prefill, *steps], 1)
+    assert rel_err(cached[:, :10], full[:, :10]) < 1e-5
+    assert rel_err(cached[:, -1], m(ids[:, :30], rope=per_chunk_rope(sharp512.config, [10] + [1] * 20))[:, -1]) < 1e-5
+    # shrinking keeps the first positions; the copy does not share storage with the old cache
+    k_before = m.transformer.h[0].self_attention.cache.k.clone()
+    m.resize_cache(8)
+    assert m.cache_shape == (2, 8)
+    assert torch.equal(m.transformer.h[0].self_attention.cache.k, k_before[:, :, :8])
+    m.transformer.h[0].self_attention.cache.k.zero_()
+    assert k_before.abs().sum() > 0
+    m.clear_cache()
+
+
+def test_kv_cache_update_with_per_row_positions():
+    from telechat.model import KVCache
+
+    cache = KVCache(3, 2, 8, 4, torch.float32, "cpu")
+    k = torch.randn(2, 2, 1, 4)
+    v = torch.randn(2, 2, 1, 4)
+    ks, vs = cache.update(torch.tensor([[5], [1]]), k, v)
+    assert ks.shape == (2, 2, 8, 4) and vs.shape == (2, 2, 8, 4)  # the rows of the batch only
+    assert torch.equal(cache.k[0, :, 5], k[0, :, 0]) and torch.equal(cache.v[1, :, 1], v[1, :, 0])
+    written = torch.zeros(3, 8, dtype=torch.bool)
+    written[0, 5] = written[1, 1] = True
+    assert (cache.k.abs().sum((1, 3)) > 0).eq(written).all()
+    # a view over rows 1:3 writes into the parent's storage
+    view = cache.rows(1, 3)
+    view.update(torch.tensor([7]), torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))
+    assert cache.k[1:, :, 7].eq(1).all() and cache.k[0, :, 7].eq(0).all()

@@ -40,7 +40,8 @@ class TextStream:
         return self._emit(final=False)
 
     def finish(self) -> str:
-        self.text += self.decoder.flush()
+        # A character cut in half by max_tokens decodes as U+FFFD: drop it rather than send it.
+        self.text += self.decoder.flush().rstrip("\ufffd")
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
@@ -162,7 +163,7 @@ async def _until_done_or_gone(request: Request, coro):
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
-                raise asyncio.CancelledError
+                raise _ClientGone
     finally:
         if not task.done():
             task.cancel()
@@ -202,6 +203,10 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
     async def http_error(request: Request, e: StarletteHTTPException):
         return _error_response(APIError(e.status_code, str(e.detail), None, None,
                                         "not_found_error" if e.status_code == 404 else "invalid_request_error"))
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, e: _ClientGone):
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception):
@@ -320,6 +325,10 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
         return JSONResponse(e.error.body(), status_code=429, headers=e.headers)
 
     return app
+
+
+class _ClientGone(Exception):
+    """The client left before its answer was ready (its sequences are already cancelled)."""
 
 
 class _TeleChatBusy(Exception):
@@ -485,7 +494,8 @@ class _Guard:
         try:
             if self.srv.api_key and path != "/health" and not self._authorized(scope):
                 page = path == "/"
-                e = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'", None,
+                how = "log in with the key as password" if page else "send 'Authorization: Bearer KEY'"
+                e = APIError(401, f"Incorrect or missing API key: {how}", None,
                              "invalid_api_key", "authentication_error",
                              {"WWW-Authenticate": 'Basic realm="telechat"' if page else "Bearer"})
                 return await _error_response(e)(scope, receive, send_counted)

@@ -12,6 +12,7 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,6 +21,13 @@ import torch
 
 from ..generate import SamplingParams, next_token, process_logits
 from ..model import TeleChat, rope_cos_sin
+
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[TeleChat, threading.Lock]" = weakref.WeakKeyDictionary()
+
+
+def _model_lock(model: TeleChat) -> threading.Lock:
+    return _MODEL_LOCKS.setdefault(model, threading.Lock())
 
 
 class QueueFull(Exception):
@@ -112,12 +120,14 @@ class Engine:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._caches: list | None = None  # the KV cache this engine owns (installed into the model per step)
         self._cache_len = 0
         self._seq_time = 5.0  # moving average of a sequence's time in a slot, for Retry-After
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Engine":
         if self._thread is None:
+            self._stop = False
             self._thread = threading.Thread(target=self._run, name="telechat-engine", daemon=True)
             self._thread.start()
         return self
@@ -131,6 +141,11 @@ class Engine:
             self._thread = None
         for seq in [*self.waiting, *(s for s in self.slots if s)]:
             self._finish(seq, "cancelled")
+        self.waiting.clear()
+        with _model_lock(self.model):  # give the cache memory back
+            if self._caches is not None and self.model.transformer.h[0].self_attention.cache is self._caches[0]:
+                self.model.clear_cache()
+            self._caches, self._cache_len = None, 0
 
     @property
     def running(self) -> int:
@@ -152,6 +167,8 @@ class Engine:
         if seq.params.do_sample and seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(int(seq.params.seed))
         with self._cond:
+            if self._stop:
+                raise RuntimeError("the engine is stopped")
             if self.running + len(self.waiting) >= self.max_concurrency + self.max_queue:
                 raise QueueFull(self.retry_after())
             self.waiting.append(seq)
@@ -184,17 +201,20 @@ class Engine:
                     return
             try:
                 self._drop_cancelled()
-                self._admit()
-                if self.running:
-                    self._decode()
+                with _model_lock(self.model):  # engines sharing a model (tests, several apps) take turns
+                    self._install_cache()
+                    self._admit()
+                    if self.running:
+                        self._decode()
             except Exception as e:  # never a dead engine: fail what was running, keep serving
                 msg = f"{type(e).__name__}: {e}"
                 for seq in self.slots:
                     if seq is not None:
                         self._finish(seq, "error", msg)
                 if isinstance(e, torch.OutOfMemoryError) or "memory" in str(e).lower():
-                    self.model.clear_cache()
-                    self._cache_len = 0
+                    self._caches, self._cache_len = None, 0
+                    with _model_lock(self.model):
+                        self.model.clear_cache()
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -216,16 +236,31 @@ class Engine:
         self.stats.requests_finished[reason if reason in self.stats.requests_finished else "error"] += 1
         if self.stats.on_finish is not None:
             self.stats.on_finish(reason, time.perf_counter() - seq.arrival)
-        seq.on_event("error", message) if reason == "error" else seq.on_event("done", reason)
+        self._emit(seq, "error", message) if reason == "error" else self._emit(seq, "done", reason)
+
+    def _emit(self, seq: Sequence, kind: str, value) -> None:
+        """Deliver an event; a listener that raises loses its sequence, never the engine."""
+        try:
+            seq.on_event(kind, value)
+        except Exception:
+            if not seq.finished:
+                seq.cancel()
+
+    def _install_cache(self) -> None:
+        """Put this engine's KV cache (if any) into the model's attention modules."""
+        if self._caches is not None:
+            for block, cache in zip(self.model.transformer.h, self._caches):
+                block.self_attention.cache = cache
 
     def _ensure_cache(self, length: int) -> None:
         if self._cache_len >= length:
             return
         new_len = min(self.max_model_len, max(256, -(-max(length, 2 * self._cache_len) // 256) * 256))
-        if self._cache_len == 0:
+        if self._caches is None:
             self.model.setup_cache(self.max_concurrency, new_len)
         else:
             self.model.resize_cache(new_len)
+        self._caches = [block.self_attention.cache for block in self.model.transformer.h]
         self._cache_len = new_len
 
     @torch.inference_mode()
@@ -293,7 +328,7 @@ class Engine:
             elif tok in s.params.stop_ids:
                 self._finish(s, "stop")
             else:
-                s.on_event("token", tok)
+                self._emit(s, "token", tok)
                 if len(s.tokens) >= s.params.max_new_tokens or len(s.prompt) + len(s.tokens) >= \
                         min(s.max_len, self.max_model_len):
                     self._finish(s, "length")
