@@ -534,3 +534,66 @@ def test_stop_cancels_what_is_queued(model):
     eng.stop()
     assert [r.events for r in recs] == [[("done", "cancelled")]] * 2
     assert not eng.alive and eng.stats.requests_finished["cancelled"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# prefix caching
+# ---------------------------------------------------------------------------------------------
+def test_prefix_cache_reuses_keys_and_changes_nothing(engines, ref_model):
+    eng = engines(max_concurrency=3)
+    shared = ids(12, seed=500)  # every prompt below stays within training_seqlen 32
+    a_p, b_p = shared + ids(5, seed=501), shared + ids(4, seed=502)
+    greedy, sampled = SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, do_sample=True, seed=7)
+
+    a = Rec(eng, "a")
+    submit(eng, a_p, greedy, a)
+    a.wait()
+    assert eng.stats.cached_prompt_tokens == 0
+    b = Rec(eng, "b")
+    submit(eng, b_p, sampled, b)  # shares 12 tokens with what slot 0 still holds
+    b.wait()
+    assert eng.stats.cached_prompt_tokens == 12
+    assert b.tokens == reference(ref_model, b_p, sampled)[0]
+
+    # A follow-up turn holds the previous prompt and answer: everything but the newest token is reused.
+    c_p = b_p + b.tokens + ids(3, seed=503)
+    c = Rec(eng, "c")
+    submit(eng, c_p, greedy, c)
+    c.wait()
+    assert len(c_p) <= 32 and eng.stats.cached_prompt_tokens == 12 + len(b_p) + len(b.tokens) - 1
+    assert c.tokens == reference(ref_model, c_p, greedy)[0]
+
+
+def test_prefix_cache_copies_between_running_rows(engines, ref_model):
+    eng = engines(max_concurrency=2)
+    shared = ids(20, seed=510)
+    a_p, b_p = shared + ids(4, seed=511), shared + ids(7, seed=512)
+    params = SamplingParams(max_new_tokens=12)
+    reached, release = threading.Event(), threading.Event()
+    a, b = Rec(eng, "a", hook=hold_at(2, reached, release)), Rec(eng, "b")
+    submit(eng, a_p, params, a)
+    assert reached.wait(TIMEOUT)
+    submit(eng, b_p, params, b)  # joins while a runs in the other row: keys copied row to row
+    release.set()
+    a.wait(), b.wait()
+    assert eng.stats.cached_prompt_tokens == 20
+    assert a.tokens == reference(ref_model, a_p, params)[0]
+    assert b.tokens == reference(ref_model, b_p, params)[0]
+
+
+def test_prefix_cache_off_past_training_length_and_when_disabled(engines, ref_model):
+    params = SamplingParams(max_new_tokens=4)
+    long_p = ids(40, seed=520)  # past training_seqlen 32: NTK scaling depends on the length, no reuse
+    eng = engines(max_concurrency=1)
+    for extra in (0, 1):
+        r = Rec(eng)
+        submit(eng, long_p + ids(extra, seed=521), params, r)
+        r.wait()
+        assert r.tokens == reference(ref_model, long_p + ids(extra, seed=521), params)[0]
+    assert eng.stats.cached_prompt_tokens == 0
+    off = engines(max_concurrency=1, prefix_caching=False)
+    for _ in range(2):
+        r = Rec(off)
+        submit(off, ids(10, seed=522), params, r)
+        r.wait()
+    assert off.stats.cached_prompt_tokens == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import os
 import threading
 import time
 import weakref
@@ -76,6 +77,7 @@ class Stats:
     def __init__(self, window: float = 10.0):
         self.requests_finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0  # of those, keys reused from a cached prefix
         self.generated_tokens = 0
         self.steps = 0
         self.ttft: deque[float] = deque(maxlen=4096)  # seconds, newest last
@@ -103,7 +105,7 @@ class Engine:
     """
 
     def __init__(self, model: TeleChat, max_concurrency: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None, prefill_budget: int = 512):
+                 max_model_len: int | None = None, prefill_budget: int = 512, prefix_caching: bool = True):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_queue < 0:
@@ -113,6 +115,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_model_len = int(max_model_len or model.config.seq_length)
         self.prefill_budget = prefill_budget
+        self.prefix_caching = prefix_caching
         self.device = model.lm_head.weight.device
         self.slots: list[Sequence | None] = [None] * max_concurrency
         self.waiting: deque[Sequence] = deque()
@@ -121,6 +124,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._caches: list | None = None  # the KV cache this engine owns (installed into the model per step)
+        self._slot_tokens: list[list[int]] = [[] for _ in range(max_concurrency)]  # ids whose keys each row holds
         self._cache_len = 0
         self._seq_time = 5.0  # moving average of a sequence's time in a slot, for Retry-After
 
@@ -146,6 +150,7 @@ class Engine:
             if self._caches is not None and self.model.transformer.h[0].self_attention.cache is self._caches[0]:
                 self.model.clear_cache()
             self._caches, self._cache_len = None, 0
+            self._slot_tokens = [[] for _ in range(self.max_concurrency)]
 
     @property
     def running(self) -> int:
@@ -208,6 +213,7 @@ class Engine:
                         self._decode()
             except Exception as e:  # never a dead engine: fail what was running, keep serving
                 msg = f"{type(e).__name__}: {e}"
+                self._slot_tokens = [[] for _ in range(self.max_concurrency)]
                 for seq in self.slots:
                     if seq is not None:
                         self._finish(seq, "error", msg)
@@ -274,14 +280,38 @@ class Engine:
                 seq = self.waiting.popleft()
                 seq.slot, self.slots[free] = free, seq
                 seq.admitted = time.perf_counter()
-            budget -= len(seq.prompt)
             self._ensure_cache(len(seq.prompt) + 1)
-            ids = torch.tensor([seq.prompt], device=self.device)
+            start = self._reuse_prefix(free, seq.prompt)
+            budget -= len(seq.prompt) - start
+            ids = torch.tensor([seq.prompt[start:]], device=self.device)
             with self.model.cache_rows(free, free + 1):
-                logits = self.model(ids, input_pos=torch.arange(len(seq.prompt), device=self.device),
+                logits = self.model(ids, input_pos=torch.arange(start, len(seq.prompt), device=self.device),
                                     last_only=True)[:, -1].float()
+            self._slot_tokens[free] = list(seq.prompt)
             self.stats.prompt_tokens += len(seq.prompt)
+            self.stats.cached_prompt_tokens += start
             self._sample([seq], logits)
+
+    def _reuse_prefix(self, slot: int, prompt: list[int]) -> int:
+        """Prefix caching: copy the longest prefix of `prompt` that some slot still holds into `slot`
+        and return its length (the rest is prefilled). Keys are only reused while the NTK scaling
+        is the same for both sequences (within training_seqlen), so the result is unchanged."""
+        limit = self.model.config.training_seqlen
+        if not self.prefix_caching or len(prompt) > limit:
+            return 0
+        best, src = 0, slot
+        for i, held in enumerate(self._slot_tokens):
+            if len(held) <= limit:
+                n = len(os.path.commonprefix([held, prompt]))
+                if n > best or (n == best and i == slot):
+                    best, src = n, i
+        best = min(best, len(prompt) - 1)  # the last prompt token is always run: its logits are needed
+        if best > 0 and src != slot:
+            for cache in self._caches:
+                cache.k[slot, :, :best] = cache.k[src, :, :best]
+                cache.v[slot, :, :best] = cache.v[src, :, :best]
+        self._slot_tokens[slot] = list(prompt[:best])
+        return best
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -289,8 +319,12 @@ class Engine:
         n = max(s.slot for s in rows) + 1  # free slots below n ride along (their rows are ignored)
         self._ensure_cache(max(s.pos for s in rows) + 1)
         tokens, pos = [0] * n, [0] * n
+        for i in range(n):
+            if self.slots[i] is None:
+                self._slot_tokens[i] = []  # a free row riding along overwrites position 0 of what it held
         for s in rows:
             tokens[s.slot], pos[s.slot] = s.tokens[-1], s.pos
+            self._slot_tokens[s.slot].append(s.tokens[-1])
         ids = torch.tensor(tokens, device=self.device)[:, None]
         if n == 1:  # one sequence: shared positions, no mask (the plain single-sequence path)
             pos_t = torch.tensor(pos, device=self.device)

@@ -21,6 +21,8 @@ class _EngineCollector:
     def collect(self):
         e, s = self.engine, self.engine.stats
         yield CounterMetricFamily("telechat_prompt_tokens", "Prompt tokens prefilled", value=s.prompt_tokens)
+        yield CounterMetricFamily("telechat_prompt_tokens_cached", "Prompt tokens whose keys came from the prefix cache",
+                                  value=s.cached_prompt_tokens)
         yield CounterMetricFamily("telechat_generation_tokens", "Tokens generated", value=s.generated_tokens)
         yield CounterMetricFamily("telechat_decode_steps", "Batched decode steps run", value=s.steps)
         finished = CounterMetricFamily("telechat_sequences_finished", "Sequences finished, by reason",
