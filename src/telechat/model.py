@@ -16,10 +16,16 @@ from .config import TeleChatConfig
 
 class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+        rows = x.shape[:-1].numel()
+        if x.device.type == "cpu" and torch.compiler.is_compiling() and rows == 1:
             # One-row decode: inductor turns this multiply-reduce into a GEMV that streams the weight
             # on every core (the BLAS matrix-vector path runs on one), ~2x faster on CPU.
             y = (x.reshape(1, -1) * self.weight).sum(-1).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        if x.device.type == "cpu" and 1 < rows <= 16 and not torch.compiler.is_compiling():
+            # A few rows (batched decode): W @ x^T takes BLAS's skinny-matrix path, 1.5-3x faster
+            # on CPU than x @ W^T, whose small-M GEMM path is slow.
+            y = torch.mm(self.weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         return super().forward(x)
 
