@@ -69,6 +69,13 @@ class Server:
         self.created = int(time.time())
 
     # ---- shared helpers ----------------------------------------------------------------------
+    def parse(self, raw: bytes, model):
+        """A validated OpenAI request body and its stop strings (APIError on anything wrong)."""
+        req = parse_body(raw, model)
+        self.check_model(req.model)
+        req.check_unsupported()
+        return req, req.stop_strings()
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in (self.model_name, "default"):
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
@@ -243,10 +250,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
     # ---- OpenAI: chat and text completions -----------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req: ChatCompletionRequest = parse_body(await request.body(), ChatCompletionRequest)
-        srv.check_model(req.model)
-        req.check_unsupported()
-        stops = req.stop_strings()
+        req, stops = srv.parse(await request.body(), ChatCompletionRequest)
         ids = _chat_prompt(srv, req)
         jobs = [(ids, srv.sampling(req, len(ids), i)) for i in range(req.n)]
         streams = srv.open_streams(jobs)
@@ -262,10 +266,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req: CompletionRequest = parse_body(await request.body(), CompletionRequest)
-        srv.check_model(req.model)
-        req.check_unsupported()
-        stops = req.stop_strings()
+        req, stops = srv.parse(await request.body(), CompletionRequest)
         prompts = _completion_prompts(srv, req)
         jobs = [(ids, srv.sampling(req, len(ids), j)) for ids in prompts for j in range(req.n)]
         streams = srv.open_streams(jobs)
