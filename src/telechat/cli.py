@@ -13,9 +13,14 @@ from typing import Any, Callable, Literal
 COMMANDS: dict[str, Callable] = {}
 
 
-def command(fn: Callable) -> Callable:
-    COMMANDS[fn.__name__.strip("_").replace("_", "-")] = fn  # import_ -> "import"
-    return fn
+def command(fn: Callable | None = None, *, name: str | None = None):
+    """Register a verb: `@command` (named after the function: import_ -> "import") or
+    `@command(name="tokenizer train")` for a two-word verb."""
+    def register(f: Callable) -> Callable:
+        COMMANDS[name or f.__name__.strip("_").replace("_", "-")] = f
+        return f
+
+    return register(fn) if fn is not None else register
 
 
 # ---- verbs ---------------------------------------------------------------------------------------
@@ -246,10 +251,19 @@ def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telechat", description="TeleChat models: chat, inspect, and more.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    groups: dict[str, Any] = {}
     for verb, fn in COMMANDS.items():
         summary, _ = _doc_parts(fn)
-        p = sub.add_parser(verb, help=summary.splitlines()[0], description=summary,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        group, _, leaf = verb.partition(" ")
+        target = sub
+        if leaf:  # "tokenizer train": a sub-verb of "tokenizer"
+            if group not in groups:
+                gp = sub.add_parser(group, help=f"{group} commands ({group} SUBCOMMAND --help)")
+                gp.set_defaults(_group=gp)
+                groups[group] = gp.add_subparsers(dest="subverb", metavar="SUBCOMMAND")
+            target, verb = groups[group], leaf
+        p = target.add_parser(verb, help=summary.splitlines()[0], description=summary,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_arguments(p, fn)
         p.set_defaults(_fn=fn)
     return parser
@@ -259,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     fn = args.pop("_fn", None)
+    group = args.pop("_group", None)
     args.pop("verb", None)
+    args.pop("subverb", None)
     if fn is None:
-        parser.print_help()
+        (group or parser).print_help()
         return 2
     from .checkpoint import CheckpointError
     from .config import ConfigError

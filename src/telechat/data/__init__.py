@@ -1,0 +1,1 @@
+"""Training data: tokenizer training, SFT preparation with loss masks, pre-training token streams."""
