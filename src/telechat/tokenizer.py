@@ -43,9 +43,10 @@ class Tokenizer:
             self.hf = None
             self.kind = "sentencepiece"
             self.vocab_size = self.sp.get_piece_size()
-            pieces = (self.sp.id_to_piece(i) for i in range(self.vocab_size))
-            self.special_ids = {i for i, p in enumerate(pieces)
-                                if self.sp.is_control(i) or (_SPECIAL_PIECE.match(p) and not self.sp.is_byte(i))}
+            pieces = self.sp.id_to_piece(list(range(self.vocab_size)))  # one call: fast for 120k pieces
+            self.special_ids = {i for i, p in enumerate(pieces) if p.startswith("<") and _SPECIAL_PIECE.match(p)
+                                and not self.sp.is_byte(i)}
+            self.special_ids |= {i for i in range(self.vocab_size) if self.sp.is_control(i)}
         elif path.suffix == ".json":
             from tokenizers import Tokenizer as HFTokenizer
 
