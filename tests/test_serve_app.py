@@ -853,3 +853,45 @@ def test_default_model_concurrent_streams_match_single(default_llm):
     assert tokens >= len(QUESTIONS) and steps < tokens / 2
     for q in QUESTIONS[:2]:
         assert alone[QUESTIONS.index(q)][0] == ref[q]
+
+
+# ---- one request's trouble stays its own ---------------------------------------------------------
+def test_a_failing_request_does_not_fail_the_others(client, server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": Q}], "max_tokens": 40, "temperature": 0}
+    alone = chat(client, max_tokens=40)["choices"][0]["message"]["content"]
+
+    def good():
+        with httpx.Client(base_url=server, timeout=60) as c:
+            return c.post("/v1/chat/completions", json=body).json()
+
+    def bad():  # repetition_penalty near zero with sampling overflows the logits: sampling fails
+        with httpx.Client(base_url=server, timeout=60) as c:
+            return c.post("/v1/chat/completions", json={**body, "temperature": 1.0, "repetition_penalty": 1e-45})
+
+    with ThreadPoolExecutor(2) as pool:
+        g, b = pool.submit(good), pool.submit(bad)
+        got, failed = g.result(), b.result()
+    assert got["choices"][0]["message"]["content"] == alone
+    assert failed.status_code in (200, 500)  # a stream of errors or a 500, in OpenAI's shape
+    if failed.status_code == 500:
+        assert set(failed.json()["error"]) == {"message", "type", "param", "code"}
+    # a temperature too small to divide by is greedy decoding
+    tiny = chat(client, max_tokens=40, temperature=1e-45)
+    assert tiny["choices"][0]["message"]["content"] == alone
+
+
+def test_stop_string_counts_as_stop_and_model_stays_cache_free(client, serve_llm):
+    answer = chat(client, max_tokens=24)["choices"][0]["message"]["content"]
+    stop = answer[len(answer) // 2:len(answer) // 2 + 2]
+    assert stop.strip()
+    before = metrics(client)
+    r = chat(client, max_tokens=24, stop=[stop])
+    assert r["choices"][0]["finish_reason"] == "stop"
+    key = ("telechat_sequences_finished_total", (("reason", "stop"),))
+    assert wait_for(lambda: metrics(client)[key] == before[key] + 1, 3.0)
+    assert serve_llm.model.cache_shape is None  # in-process generate/chat never meet the engine's cache
+
+
+def test_deeply_nested_body_is_a_400(client):
+    r = client.post("/v1/chat/completions", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 413) and "error" in r.json()

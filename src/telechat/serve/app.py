@@ -88,8 +88,8 @@ class Server:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens, and the prompt "
                                 f"alone is {prompt_len} tokens", "messages" if hasattr(req, "messages") else "prompt",
                            "context_length_exceeded")
-        if max_new is None:
-            max_new = self.context - prompt_len
+        if max_new is None:  # OpenAI's defaults: 16 for text completions, the rest of the context for chat
+            max_new = self.context - prompt_len if hasattr(req, "messages") else min(16, self.context - prompt_len)
         elif prompt_len + max_new > self.context:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
                                 f"requested {prompt_len + max_new} tokens ({prompt_len} in the prompt, {max_new} for "
@@ -97,11 +97,11 @@ class Server:
         kw = {"max_new_tokens": max_new, "top_p": req.top_p, "repetition_penalty": req.repetition_penalty,
               "top_k": 0 if req.top_k == -1 else req.top_k}
         if req.temperature is not None:
-            kw["do_sample"] = req.temperature > 0
-            if req.temperature > 0:
+            kw["do_sample"] = req.temperature >= 1e-5  # below that, greedy (dividing by it would overflow)
+            if kw["do_sample"]:
                 kw["temperature"] = req.temperature
         if req.seed is not None:
-            kw["seed"] = req.seed + seed_offset
+            kw["seed"] = (req.seed + seed_offset) % 2**63
         return self.llm.sampling_params(**kw)
 
     def open_streams(self, jobs: list[tuple[list[int], object]]) -> list[Stream]:
@@ -119,6 +119,10 @@ class Server:
             for s in streams:
                 s.cancel()
             raise APIError(400, str(e)) from None
+        except RuntimeError as e:  # the engine is shutting down
+            for s in streams:
+                s.cancel()
+            raise APIError(503, str(e), None, "unavailable", "server_error") from None
         return streams
 
     async def text_events(self, stream: Stream, stops: list[str]):
@@ -133,6 +137,7 @@ class Server:
                     if delta:
                         yield "delta", delta
                     if ts.stopped:
+                        stream.cancel("stop")
                         yield "end", "stop", n
                         return
                 elif kind == "done":
@@ -306,9 +311,12 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
         stream = telechat_job(await request.body())
 
         async def body():
-            async for ev in srv.text_events(stream, []):
-                if ev[0] == "delta":
-                    yield ev[1].encode("utf-8")
+            try:
+                async for ev in srv.text_events(stream, []):
+                    if ev[0] == "delta":
+                        yield ev[1].encode("utf-8")
+            except APIError:  # headers are sent: the stream just ends (the published demo has no error framing)
+                return
 
         return StreamingResponse(body(), media_type="text/plain; charset=utf-8")
 
@@ -437,6 +445,9 @@ def _sse_response(srv: Server, streams: list[Stream], stops: list[str], meta: di
                     await queue.put((i, ev))
             except APIError as e:
                 await queue.put((i, ("error", e)))
+            except Exception as e:  # never a choice without an end
+                await queue.put((i, ("error", APIError(500, f"internal error: {type(e).__name__}", None,
+                                                        "internal_error"))))
             finally:
                 await queue.put((i, None))
 
@@ -508,6 +519,9 @@ class _Guard:
                     return await _error_response(e)(scope, receive, send_counted)
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_counted)
+        except Exception:
+            status_seen.setdefault("status", 500)  # answered by the outer error middleware
+            raise
         finally:
             self.srv.metrics.request(path, status_seen.get("status", 499))
 
@@ -517,13 +531,13 @@ class _Guard:
         scheme, _, value = auth.partition(" ")
         key = self.srv.api_key.encode()
         if scheme.lower() == "bearer":
-            return hmac.compare_digest(value.strip().encode(), key)
+            return hmac.compare_digest(value.strip().encode("latin-1"), key)
         if scheme.lower() == "basic":  # browsers (the web page): any user name, the key as password
             try:
                 _, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
             except (ValueError, UnicodeDecodeError):
                 return False
-            return hmac.compare_digest(password.encode(), key)
+            return hmac.compare_digest(password.encode("utf-8"), key)
         return False
 
     async def _read_body(self, scope, receive) -> tuple[bytes, bool]:

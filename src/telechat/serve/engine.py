@@ -61,9 +61,14 @@ class Sequence:
     admitted: float = 0.0
     first_token_at: float | None = None
 
-    def cancel(self) -> None:
-        """Free the slot at the next step (safe from any thread)."""
-        self.cancelled = True
+    cancel_reason: str = "cancelled"
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Free the slot at the next step (safe from any thread); `reason` "stop" when the caller
+        ended it on a stop string."""
+        if not self.cancelled:  # the first reason given wins
+            self.cancel_reason = reason
+            self.cancelled = True
 
     @property
     def pos(self) -> int:
@@ -87,14 +92,15 @@ class Stats:
         self._recent: deque[tuple[float, int]] = deque()
 
     def tokens_per_second(self) -> float:
-        now = time.perf_counter()
-        while self._recent and self._recent[0][0] < now - self._window:
-            self._recent.popleft()
-        return sum(n for _, n in self._recent) / self._window
+        since = time.perf_counter() - self._window
+        return sum(n for t, n in list(self._recent) if t >= since) / self._window  # a snapshot: the engine appends
 
     def _generated(self, n: int) -> None:
         self.generated_tokens += n
-        self._recent.append((time.perf_counter(), n))
+        now = time.perf_counter()
+        self._recent.append((now, n))
+        while self._recent[0][0] < now - self._window:
+            self._recent.popleft()
 
 
 class Engine:
@@ -110,6 +116,8 @@ class Engine:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be >= 1, got {prefill_budget}")
         self.model = model
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
@@ -157,6 +165,11 @@ class Engine:
         return sum(s is not None for s in self.slots)
 
     @property
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(rows, positions) of this engine's KV cache, or None before the first request."""
+        return None if self._caches is None else (self.max_concurrency, self._cache_len)
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -174,7 +187,8 @@ class Engine:
         with self._cond:
             if self._stop:
                 raise RuntimeError("the engine is stopped")
-            if self.running + len(self.waiting) >= self.max_concurrency + self.max_queue:
+            waiting = sum(not w.cancelled for w in self.waiting)
+            if self.running + waiting >= self.max_concurrency + self.max_queue:
                 raise QueueFull(self.retry_after())
             self.waiting.append(seq)
             self._cond.notify_all()
@@ -208,9 +222,12 @@ class Engine:
                 self._drop_cancelled()
                 with _model_lock(self.model):  # engines sharing a model (tests, several apps) take turns
                     self._install_cache()
-                    self._admit()
-                    if self.running:
-                        self._decode()
+                    try:
+                        self._admit()
+                        if self.running:
+                            self._decode()
+                    finally:  # out of the model between steps: other callers (generate, chat) get their own
+                        self.model.clear_cache()
             except Exception as e:  # never a dead engine: fail what was running, keep serving
                 msg = f"{type(e).__name__}: {e}"
                 self._slot_tokens = [[] for _ in range(self.max_concurrency)]
@@ -226,10 +243,10 @@ class Engine:
         with self._cond:
             for seq in [s for s in self.waiting if s.cancelled]:
                 self.waiting.remove(seq)
-                self._finish(seq, "cancelled")
+                self._finish(seq, seq.cancel_reason)
         for seq in self.slots:
             if seq is not None and seq.cancelled:
-                self._finish(seq, "cancelled")
+                self._finish(seq, seq.cancel_reason)
 
     def _finish(self, seq: Sequence, reason: str, message: str | None = None) -> None:
         if seq.finished:
@@ -278,15 +295,23 @@ class Engine:
                 if free is None or not self.waiting:
                     return
                 seq = self.waiting.popleft()
+                if seq.cancelled:  # gone before it started
+                    self._finish(seq, seq.cancel_reason)
+                    continue
                 seq.slot, self.slots[free] = free, seq
                 seq.admitted = time.perf_counter()
-            self._ensure_cache(len(seq.prompt) + 1)
-            start = self._reuse_prefix(free, seq.prompt)
-            budget -= len(seq.prompt) - start
-            ids = torch.tensor([seq.prompt[start:]], device=self.device)
-            with self.model.cache_rows(free, free + 1):
-                logits = self.model(ids, input_pos=torch.arange(start, len(seq.prompt), device=self.device),
-                                    last_only=True)[:, -1].float()
+            try:
+                self._ensure_cache(len(seq.prompt) + 1)
+                start = self._reuse_prefix(free, seq.prompt)
+                budget -= len(seq.prompt) - start
+                ids = torch.tensor([seq.prompt[start:]], device=self.device)
+                with self.model.cache_rows(free, free + 1):
+                    logits = self.model(ids, input_pos=torch.arange(start, len(seq.prompt), device=self.device),
+                                        last_only=True)[:, -1].float()
+            except Exception as e:  # this prompt failed (e.g. out of memory): only its sequence ends
+                self._slot_tokens[free] = []
+                self._finish(seq, "error", f"{type(e).__name__}: {e}")
+                continue
             self._slot_tokens[free] = list(seq.prompt)
             self.stats.prompt_tokens += len(seq.prompt)
             self.stats.cached_prompt_tokens += start
@@ -343,13 +368,21 @@ class Engine:
         picked: dict[int, int] = {}
         if plain:
             picked.update(zip(plain, logits[plain].argmax(-1).tolist()))
+        failed: dict[int, str] = {}
         for i, s in enumerate(rows):
             if i not in picked:
-                history = torch.tensor([s.prompt + s.tokens], device=self.device)
-                picked[i] = int(next_token(process_logits(logits[i:i + 1], history, s.params), s.params, s.generator)[0])
+                try:  # a row's own settings can fail (e.g. a temperature that overflows): only that row ends
+                    history = torch.tensor([s.prompt + s.tokens], device=self.device)
+                    picked[i] = int(next_token(process_logits(logits[i:i + 1], history, s.params), s.params,
+                                               s.generator)[0])
+                except RuntimeError as e:
+                    failed[i] = f"sampling failed: {e}"
         now = time.perf_counter()
         self.stats._generated(len(rows))
         for i, s in enumerate(rows):
+            if i in failed:
+                self._finish(s, "error", failed[i])
+                continue
             tok = picked[i]
             s.tokens.append(tok)
             if s.first_token_at is None:
@@ -358,7 +391,7 @@ class Engine:
                 if self.stats.on_ttft is not None:
                     self.stats.on_ttft(now - s.arrival)
             if s.cancelled:
-                self._finish(s, "cancelled")
+                self._finish(s, s.cancel_reason)
             elif tok in s.params.stop_ids:
                 self._finish(s, "stop")
             else:
@@ -396,7 +429,7 @@ class Stream:
         self._ended = kind != "token"
         return kind, value
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled") -> None:
         if not self.seq.finished:
-            self.seq.cancel()
+            self.seq.cancel(reason)
             self._engine._wake()

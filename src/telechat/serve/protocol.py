@@ -57,7 +57,7 @@ class _Sampling(_Strict):
     top_k: int | None = Field(None, ge=-1)  # extension (vLLM convention: -1 or 0 = off)
     repetition_penalty: float | None = Field(None, gt=0)  # extension
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -99,6 +99,8 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", None, "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", None, "invalid_json")
     try:
@@ -159,8 +161,8 @@ def parse_telechat(raw: bytes) -> tuple[str, list[dict], dict]:
     """(question, history, settings) from a gptDialog body, or TeleChatError with the published code."""
     try:
         item = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TeleChatError("10301", f"request body is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise TeleChatError("10301", f"request body is not valid JSON: {type(e).__name__}: {e}") from None
     if not isinstance(item, dict) or "dialog" not in item:
         raise TeleChatError("10301", "missing required field 'dialog'")
     dialog = item["dialog"]
