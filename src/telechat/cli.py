@@ -195,6 +195,38 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
     return 0
 
 
+@command(name="tokenizer train")
+def tokenizer_train(input: list[str], output: str, vocab_size: int = 160256, min_frequency: int = 2,
+                    text_field: str = "text", model_max_length: int = 8192, progress: bool = False) -> int:
+    """Train a byte-level BPE tokenizer with TeleChat's special tokens on text or JSON-lines files.
+
+    Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into OUTPUT; the
+    folder loads with `telechat.load_tokenizer` and transformers' AutoTokenizer. Fixed ids:
+    <_unk> 0, <_start> 1, <_end> 2, <_pad> 3, <_user> 4, <_bot> 5, <_system> 6,
+    <reserve1>..<reserve100> 7..106, the 256 byte symbols 107..362, then the learned merges.
+    Every digit is its own token and decode(encode(text)) == text for any text. Files are
+    streamed; lines that are not valid UTF-8 are skipped and counted.
+
+    Args:
+        input: text files (a line each) or .jsonl files (a record each); .gz files are unzipped.
+        output: folder to write: new, empty, or an earlier tokenizer folder (replaced).
+        vocab_size: vocabulary size, special tokens and byte symbols included (at least 363).
+        min_frequency: least count of a pair of tokens to merge it.
+        text_field: field of .jsonl records holding the text (else "data", else "content").
+        model_max_length: model_max_length written to tokenizer_config.json.
+        progress: show the trainer's progress bars.
+    """
+    from .data.tokenizer_train import train_tokenizer
+
+    s = train_tokenizer(input, output, vocab_size=vocab_size, min_frequency=min_frequency, text_field=text_field,
+                        model_max_length=model_max_length, show_progress=progress)
+    print(f"wrote {s['output']}: vocab {s['vocab_size']} (requested {s['requested_vocab_size']}), "
+          f"{s['files']} files, {s['lines']} lines, {s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s "
+          f"({s['mb_per_s']:.2f} MB/s); skipped {s['skipped_invalid_utf8']} invalid UTF-8 lines, "
+          f"{s['skipped_records']} JSON lines without text")
+    return 0
+
+
 @command(name="data prepare")
 def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["sft", "pretrain"] = "sft",
                  data_json: str | None = None, num_samples: int | None = None, input: list[str] | None = None,

@@ -130,20 +130,30 @@ def _checked(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def encode_dialogue(tok: Tokenizer, system: str | None, turns: list[tuple[str, str]]
-                    ) -> tuple[list[int], list[int], list[int]]:
-    """(ids, loss mask, part lengths): the system prefix (if any) and each turn are parts, so a
-    dialogue can be cut at a turn boundary."""
-    ids, mask, lengths = [], [], []
+                    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(ids int32, loss mask uint8, part lengths): the system prefix (if any) and each turn are
+    parts, so a dialogue can be cut at a turn boundary."""
+    ids: list[int] = []
+    lengths: list[int] = []
+    answers: list[tuple[int, int]] = []  # [<_bot> .. <_end>] spans
     if system:
         ids += [tok.system_id, *tok.encode(system)]
-        mask += [0] * len(ids)
         lengths.append(len(ids))
     for q, a in turns:
-        qi, ai = tok.encode(q), tok.encode(a)
-        ids += [tok.user_id, *qi, tok.bot_id, *ai, tok.eos_id]
-        mask += [1, *[0] * len(qi), *[1] * (len(ai) + 2)]
-        lengths.append(len(qi) + len(ai) + 3)
-    return ids, mask, lengths
+        start = len(ids)
+        ids.append(tok.user_id)
+        ids += tok.encode(q)
+        bot = len(ids)
+        ids.append(tok.bot_id)
+        ids += tok.encode(a)
+        ids.append(tok.eos_id)
+        answers.append((start, bot))
+        lengths.append(len(ids) - start)
+    mask = np.zeros(len(ids), np.uint8)
+    for (user, bot), n in zip(answers, lengths[len(lengths) - len(answers):]):
+        mask[user] = 1
+        mask[bot:user + n] = 1
+    return np.asarray(ids, np.int32), mask, lengths
 
 
 def _sft_worker(task):
@@ -156,7 +166,7 @@ def _sft_worker(task):
             out.append(str(e))
             continue
         ids, mask, lengths = encode_dialogue(_TOKENIZER, system, turns)
-        out.append((np.asarray(ids, np.int32), np.asarray(mask, np.uint8), lengths, bool(system)))
+        out.append((ids, mask, lengths, bool(system)))
     return out
 
 
