@@ -162,6 +162,8 @@ def _sft_worker(task):
     for raw in task:
         try:
             system, turns = parse_dialogue(raw)
+            if system and _TOKENIZER.system_id is None:
+                raise ValueError("no_system_token: the record has a system prompt and the tokenizer no <_system>")
         except ValueError as e:
             out.append(str(e))
             continue
@@ -264,10 +266,9 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
             fi, n = origin[i]
             where = f"{sources[fi][0]}:{n}"
             i += 1
-            if isinstance(res, str):
+            if isinstance(res, str):  # counted once per record, however many copies it was given
                 reason, _, detail = res.partition(": ")
-                for _ in range(copies_of[i - 1]):
-                    skips.add(reason, where, detail)
+                skips.add(reason, where, detail)
                 continue
             ids, mask, lengths, has_system = res
             keep, length = 0, 0
@@ -276,8 +277,7 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
                     break
                 keep, length = keep + 1, length + n_part
             if keep <= int(has_system):
-                for _ in range(copies_of[i - 1]):
-                    skips.add("too_long", where, f"the first turn does not fit in max_seq_len {max_seq_len}")
+                skips.add("too_long", where, f"the first turn does not fit in max_seq_len {max_seq_len}")
                 continue
             if keep < len(lengths):
                 truncated += copies_of[i - 1]
@@ -425,7 +425,7 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer: str | Path, max_seq_le
 # ---- output --------------------------------------------------------------------------------------
 def _write(out: Path, arrays: dict, manifest: dict) -> None:
     """Write into a sibling temp folder, then swap it in (never a half-written dataset)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_prepared(out))):
         raise DataError(f"{out}: exists and is not a prepared dataset; refusing to replace it")
     tmp = out.with_name(out.name + ".tmp-prepare")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -441,6 +441,13 @@ def _write(out: Path, arrays: dict, manifest: dict) -> None:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def _is_prepared(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_prepared(path: str | Path, split: str | None = None) -> dict:
