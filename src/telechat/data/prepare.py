@@ -25,7 +25,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "telechat-prepared-v1"
 MAX_EXAMPLES = 5  # file:line examples kept per skip reason
-CHUNK = 256  # records per worker task
+CHUNK = 64  # records per worker task (small: the workers finish together)
 
 _TOKENIZER: Tokenizer | None = None  # per worker process
 
