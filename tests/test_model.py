@@ -755,3 +755,27 @@ def test_kv_cache_update_with_per_row_positions():
     view = cache.rows(1, 3)
     view.update(torch.tensor([7]), torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))
     assert cache.k[1:, :, 7].eq(1).all() and cache.k[0, :, 7].eq(0).all()
+
+
+def test_packed_segments_equal_each_dialogue_alone():
+    """segment_ids give block-diagonal attention with per-segment positions: a packed sample's
+    logits and summed loss equal those of each dialogue run alone."""
+    from telechat.model import packed_labels
+
+    m = telechat.from_preset("tiny", seed=0, seq_length=128).model.eval()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(4, 500, (10,), generator=g), torch.randint(4, 500, (7,), generator=g)
+    ids = torch.cat([torch.full((3,), 3), a, b])[None]
+    seg = torch.tensor([[0] * 3 + [1] * 10 + [2] * 7])
+    with torch.no_grad():
+        packed, la, lb = m(ids, segment_ids=seg), m(a[None]), m(b[None])
+        unpacked = m(ids)
+    torch.testing.assert_close(packed[0, 3:13], la[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, 13:], lb[0], atol=1e-5, rtol=1e-5)
+    assert (unpacked[0, 13:] - lb[0]).abs().max() > 1e-3  # without segments b would see a
+    labels = packed_labels(ids, torch.ones_like(ids), seg)
+    assert (labels[0, [0, 1, 2, 3, 13]] == -100).all() and (labels[0, 4:13] == a[1:]).all()
+    ce = torch.nn.functional.cross_entropy
+    total = ce(packed[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+    alone = ce(la[0, :-1], a[1:], reduction="sum") + ce(lb[0, :-1], b[1:], reduction="sum")
+    torch.testing.assert_close(total, alone, atol=1e-4, rtol=1e-5)

@@ -179,10 +179,14 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, attention_mask: Tensor | None = None,
                 kv_len: int | None = None, rope: tuple[Tensor, Tensor] | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, segment_ids: Tensor | None = None) -> Tensor:
         """last_only: hidden state of the last position only ([B, 1, H]); the last block then runs
-        its query, attention output and MLP for that position alone (keys/values still cover all)."""
+        its query, attention output and MLP for that position alone (keys/values still cover all).
+        segment_ids [B, T] (packed training samples): each segment attends only within itself and
+        its positions start at 0, as if it were alone; 0 marks padding."""
         B, T = input_ids.shape
+        if segment_ids is not None:
+            return self._packed(input_ids, segment_ids, last_only)
         if input_pos is None:
             input_pos, kv_len, cached = torch.arange(T, device=input_ids.device), T, None
         else:
@@ -208,6 +212,30 @@ class Transformer(nn.Module):
                                                       use_reentrant=False)
             else:
                 h = block(h, cos, sin, mask, cached, kv_len, last)
+        return self.ln_f(h[:, -1:] if last_only else h)
+
+    def _packed(self, input_ids: Tensor, segment_ids: Tensor, last_only: bool) -> Tensor:
+        T = input_ids.shape[1]
+        idx = torch.arange(T, device=input_ids.device)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        # position = index - index of the segment's first token (a running max of start indices)
+        first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+        positions = idx - first
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = (same & (idx[None, :] <= idx[:, None])) | torch.eye(T, dtype=torch.bool, device=idx.device)
+        cos, sin = rope_cos_sin(self.config, positions, T)
+        h = self.word_embeddings(input_ids)
+        if self.config.embed_layernorm:
+            h = self.word_embeddings_layernorm(h)
+        cos, sin = cos.to(h.dtype)[:, None], sin.to(h.dtype)[:, None]
+        mask = mask[:, None]
+        for i, block in enumerate(self.h):
+            last = last_only and i == len(self.h) - 1
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, None, T, last, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, mask, None, T, last)
         return self.ln_f(h[:, -1:] if last_only else h)
 
 
@@ -261,7 +289,7 @@ class TeleChat(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, attention_mask: Tensor | None = None,
                 last_only: bool = False, kv_len: int | None = None,
-                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                rope: tuple[Tensor, Tensor] | None = None, segment_ids: Tensor | None = None) -> Tensor:
         """Logits for `input_ids` [B, T].
 
         input_pos: positions [T] of these tokens, or [B, T] per row; with a cache set up, keys/values
@@ -269,8 +297,11 @@ class TeleChat(nn.Module):
         attention_mask: [B, >= kv_len] with 0 on (left) padding, over all positions seen so far.
         last_only: return logits of the last position only ([B, 1, V]), as generation needs.
         rope: precomputed (cos, sin) for these positions (lets a compiled step avoid recompiles).
+        segment_ids: [B, T] for packed training samples: segments attend only within themselves,
+            with positions from 0 (0 = padding), as `data prepare` writes them.
         """
-        return self.lm_head(self.transformer(input_ids, input_pos, attention_mask, kv_len, rope, last_only))
+        return self.lm_head(self.transformer(input_ids, input_pos, attention_mask, kv_len, rope, last_only,
+                                             segment_ids))
 
     def chat(self, tokenizer, question: str, history=None, generation_config=None, stream: bool = False, **kwargs):
         """The published calling convention: `model.chat(tokenizer, question, history, generation_config)`."""
@@ -302,3 +333,18 @@ def build_mask(input_pos: Tensor, kv_len: int, attention_mask: Tensor | None) ->
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Plain shifted cross-entropy (the model's own training loss)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index)
+
+
+def packed_labels(input_ids: Tensor, loss_mask: Tensor | None = None, segment_ids: Tensor | None = None,
+                  ignore_index: int = -100) -> Tensor:
+    """Labels for `causal_lm_loss`: tokens without loss, padding and each segment's first token
+    (nothing before it in its own segment predicts it) become `ignore_index`."""
+    labels = input_ids.clone()
+    if loss_mask is not None:
+        labels[loss_mask == 0] = ignore_index
+    if segment_ids is not None:
+        labels[segment_ids == 0] = ignore_index
+        first = torch.ones_like(segment_ids, dtype=torch.bool)
+        first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        labels[first] = ignore_index
+    return labels
