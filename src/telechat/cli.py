@@ -195,6 +195,66 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
     return 0
 
 
+@command
+def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str | None = None,
+          preset: str | None = None, max_seq_len: int | None = None, per_device_batch_size: int = 4,
+          gradient_accumulation_steps: int = 1, learning_rate: float = 3e-4, weight_decay: float = 0.0,
+          warmup_proportion: float = 0.0, lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+          num_train_epochs: float = 1.0, max_steps: int | None = None,
+          precision: Literal["fp32", "bf16", "fp16"] = "fp32", gradient_checkpointing: bool = False,
+          save_steps: int = 0, eval_steps: int = 0, seed: int = 0, resume: bool = False, device: str = "cpu",
+          progress: bool = True) -> int:
+    """Pre-train or fine-tune (SFT) on data from `telechat data prepare`.
+
+    AdamW (0.9, 0.95), eps 1e-5, no weight decay on biases and norms, gradient clipping 1.0,
+    warmup then cosine/linear/constant schedule. SFT uses the prepared loss mask, and packed
+    dialogues never attend to each other. Checkpoints (every --save-steps and at the end) are
+    OUTPUT/checkpoint-STEP folders that `telechat chat --model` loads, plus the optimizer and RNG
+    state: --resume continues exactly. Per-step loss, learning rate, tokens/s and memory go to
+    OUTPUT/log.jsonl.
+
+    Args:
+        stage: pretrain or sft.
+        data: a folder written by `telechat data prepare` (--mode pretrain or sft).
+        output: folder for checkpoints and logs.
+        model: checkpoint folder to start from (or "default").
+        preset: start from random weights of a named size (tiny, small, 100M, 1B, 7B, 12B).
+        max_seq_len: must match the prepared data (checked).
+        per_device_batch_size: samples per micro-batch.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        learning_rate: peak learning rate.
+        weight_decay: AdamW weight decay (not on biases and norms).
+        warmup_proportion: share of the steps spent warming up.
+        lr_scheduler: cosine, linear or constant after warmup.
+        num_train_epochs: passes over the data (when --max-steps is not given).
+        max_steps: optimizer steps.
+        precision: fp32, bf16 (autocast) or fp16 (GPU).
+        gradient_checkpointing: recompute activations in the backward pass.
+        save_steps: save every N steps (0: only at the end).
+        eval_steps: validation loss and perplexity every N steps (0: only at the end).
+        seed: seed of the initialisation and the data order.
+        resume: continue from OUTPUT's latest checkpoint.
+        device: torch device.
+        progress: show a progress bar.
+    """
+    from .train import TrainConfig
+    from .train import train as run
+
+    cfg = TrainConfig(stage=stage, data=data, output=output, model=model, preset=preset, max_seq_len=max_seq_len,
+                      per_device_batch_size=per_device_batch_size,
+                      gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+                      weight_decay=weight_decay, warmup_proportion=warmup_proportion, lr_scheduler=lr_scheduler,
+                      num_train_epochs=num_train_epochs, max_steps=max_steps, precision=precision,
+                      gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
+                      seed=seed, resume=resume, device=device, progress=progress)
+    s = run(cfg)
+    last = s["history"][-1] if s["history"] else {}
+    val = f", val loss {s['val_loss']:.4f} (ppl {s['val_ppl']:.2f})" if "val_loss" in s else ""
+    print(f"trained {s['steps']} steps, last loss {last.get('loss', float('nan')):.4f}{val}; "
+          f"checkpoint {s['checkpoint']}")
+    return 0
+
+
 @command(name="tokenizer train")
 def tokenizer_train(input: list[str], output: str, vocab_size: int = 160256, min_frequency: int = 2,
                     text_field: str = "text", model_max_length: int = 8192, progress: bool = False) -> int:

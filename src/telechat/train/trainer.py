@@ -1,0 +1,300 @@
+"""Pre-training and SFT on prepared data: one loop, deterministic, resumable bit for bit.
+
+The data order is a function of (seed, step) alone and every checkpoint holds the weights (an
+official-layout folder `telechat.load` reads), the optimizer, the schedule and the RNG states, so
+`resume=True` continues exactly where an uninterrupted run would be.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_model
+from ..data.prepare import load_prepared
+from ..llm import LLM, default_generation_config, from_preset, load
+from ..model import causal_lm_loss, packed_labels
+from ..tokenizer import load_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["pretrain", "sft"]
+    data: str
+    output: str
+    model: str | None = None
+    preset: str | None = None
+    max_seq_len: int | None = None
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_proportion: float = 0.0
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    num_train_epochs: float = 1.0
+    max_steps: int | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    save_steps: int = 0
+    eval_steps: int = 0
+    eval_fraction: float = 0.02  # sft: share of samples held out (pretrain uses the val/ split)
+    seed: int = 0
+    resume: bool = False
+    device: str = "cpu"
+    log_every: int = 1
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if (self.model is None) == (self.preset is None):
+            raise ValueError("give exactly one of --model PATH and --preset NAME")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_proportion < 1:
+            raise ValueError(f"warmup_proportion must be in [0, 1), got {self.warmup_proportion}")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("fp16 training needs a GPU; use --precision bf16 or fp32 on CPU")
+
+
+# ---- data --------------------------------------------------------------------------------------
+class Batches:
+    """Deterministic batches over a prepared dataset: sample order = permutation(seed, epoch)."""
+
+    def __init__(self, arrays: dict, rows: np.ndarray, batch_size: int, seed: int):
+        self.arrays, self.rows, self.batch_size, self.seed = arrays, rows, batch_size, seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]}
+        return self._orders[epoch]
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        """The `index`-th batch of the endless stream (epoch after epoch)."""
+        start, n = index * self.batch_size, len(self.rows)
+        picks = [self.order((start + i) // n)[(start + i) % n] for i in range(self.batch_size)]
+        return self.take(picks)
+
+    def take(self, picks) -> dict[str, torch.Tensor]:
+        picks = np.asarray(picks)
+        out = {"input_ids": torch.from_numpy(np.asarray(self.arrays["input_ids"][picks], np.int64))}
+        for name in ("loss_mask", "segment_ids"):
+            if name in self.arrays:
+                out[name] = torch.from_numpy(np.asarray(self.arrays[name][picks], np.int64))
+        return out
+
+
+def _datasets(cfg: TrainConfig) -> tuple[Batches, Batches | None, dict]:
+    mf = Path(cfg.data) / "manifest.json"
+    mode = json.loads(mf.read_text(encoding="utf-8")).get("mode") if mf.exists() else None
+    if mode is not None and mode != cfg.stage:
+        raise ValueError(f"{cfg.data}: prepared with --mode {mode}, not {cfg.stage}")
+    if cfg.stage == "sft":
+        arrays = load_prepared(cfg.data)
+        if arrays["manifest"]["mode"] != "sft":
+            raise ValueError(f"{cfg.data}: prepared with --mode {arrays['manifest']['mode']}, not sft")
+        n = len(arrays["input_ids"])
+        rows = np.random.default_rng([cfg.seed, 99]).permutation(n)
+        n_val = int(round(n * cfg.eval_fraction)) if n > 1 else 0
+        train = Batches(arrays, np.sort(rows[n_val:]), cfg.per_device_batch_size, cfg.seed)
+        val = Batches(arrays, np.sort(rows[:n_val]), cfg.per_device_batch_size, cfg.seed) if n_val else None
+        manifest = arrays["manifest"]
+    else:
+        arrays = load_prepared(cfg.data, "train")
+        if arrays["manifest"]["mode"] != "pretrain":
+            raise ValueError(f"{cfg.data}: prepared with --mode {arrays['manifest']['mode']}, not pretrain")
+        train = Batches(arrays, np.arange(len(arrays["input_ids"])), cfg.per_device_batch_size, cfg.seed)
+        val_arrays = load_prepared(cfg.data, "val")
+        val = Batches(val_arrays, np.arange(len(val_arrays["input_ids"])), cfg.per_device_batch_size, cfg.seed) \
+            if len(val_arrays["input_ids"]) else None
+        manifest = arrays["manifest"]
+    seq = manifest["max_seq_len"]
+    if cfg.max_seq_len is not None and cfg.max_seq_len != seq:
+        raise ValueError(f"{cfg.data} was prepared with max_seq_len {seq}, not {cfg.max_seq_len}: prepare it again")
+    if len(train) == 0:
+        raise ValueError(f"{cfg.data}: no training samples")
+    return train, val, manifest
+
+
+# ---- model, optimizer, schedule ----------------------------------------------------------------
+def _build(cfg: TrainConfig, manifest: dict, data: Batches) -> LLM:
+    tok_path = manifest.get("tokenizer")
+    tokenizer = load_tokenizer(tok_path) if tok_path and Path(tok_path).exists() else None
+    if cfg.model is not None:
+        llm = load(cfg.model, device=cfg.device, dtype=torch.float32)
+        if llm.tokenizer is None:
+            llm.tokenizer = tokenizer
+    else:
+        over = {}
+        if tokenizer is not None:  # the embedding must cover the data's vocabulary
+            over["vocab_size"] = -(-len(tokenizer) // 64) * 64
+            over.update({k: getattr(tokenizer, a) for k, a in (("pad_token_id", "pad_id"), ("eos_token_id", "eos_id"),
+                                                                ("bos_token_id", "bos_id")) if getattr(tokenizer, a) is not None})
+        over["seq_length"] = max(manifest["max_seq_len"], 32)
+        llm = from_preset(cfg.preset, device=cfg.device, seed=cfg.seed, tokenizer=tokenizer, **over)
+        llm.generation_config = default_generation_config(llm.config, tokenizer)
+    top = int(np.max(np.asarray(data.arrays["input_ids"][:256])))
+    if top >= llm.config.vocab_size:
+        raise ValueError(f"{cfg.data} has token id {top}, beyond the model's vocab_size {llm.config.vocab_size}: "
+                         "the data was tokenized with another tokenizer")
+    return llm
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-5)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Linear warmup, then cosine / linear decay to zero, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) if kind == "cosine" else max(0.0, 1 - progress)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+def _save(out: Path, step: int, llm: LLM, opt, cfg: TrainConfig, history: list[dict]) -> Path:
+    """checkpoint-STEP/: the model folder plus trainer_state.pt, renamed into place when complete."""
+    final = out / f"checkpoint-{step:07d}"
+    tmp = out / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    llm.save(tmp)
+    state = {"step": step, "optimizer": opt.state_dict(), "config": asdict(cfg), "history": history,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest = out / "latest"
+    (out / "latest.tmp").write_text(final.name)
+    os.replace(out / "latest.tmp", latest)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    f = Path(out) / "latest"
+    if not f.exists():
+        return None
+    path = Path(out) / f.read_text().strip()
+    return path if (path / "trainer_state.pt").exists() else None
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+def _loss(model, batch: dict, stage: str, precision: str, device: str) -> tuple[torch.Tensor, int]:
+    ids = batch["input_ids"].to(device)
+    seg = batch.get("segment_ids")
+    seg = seg.to(device) if seg is not None else None
+    mask = batch.get("loss_mask") if stage == "sft" else None
+    labels = packed_labels(ids, mask.to(device) if mask is not None else None, seg)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(ids, segment_ids=seg)
+    return causal_lm_loss(logits, labels), int((labels[:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(model, val: Batches, cfg: TrainConfig) -> dict:
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(val), val.batch_size):
+        batch = val.take(val.rows[i:i + val.batch_size])
+        loss, n = _loss(model, batch, cfg.stage, cfg.precision, cfg.device)
+        total, tokens = total + float(loss) * n, tokens + n
+    model.train()
+    mean = total / max(tokens, 1)
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns a summary with the per-step history."""
+    cfg.check()
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    train_data, val, manifest = _datasets(cfg)
+    torch.manual_seed(cfg.seed)
+    llm = _build(cfg, manifest, train_data)
+    model = llm.model.train()
+    model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    opt = _optimizer(model, cfg)
+    per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+    total = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(train_data) / per_step))
+    warmup = int(cfg.warmup_proportion * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.lr_scheduler))
+    start, history = 0, []
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        fresh = load_model(ckpt, device=cfg.device, dtype=torch.float32)
+        model.load_state_dict(fresh.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        for _ in range(start):
+            sched.step()
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    log = open(out / "log.jsonl", "a", encoding="utf-8")
+    n_params = sum(p.numel() for p in model.parameters())
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            loss_sum, tokens = 0.0, 0
+            for micro in range(cfg.gradient_accumulation_steps):
+                batch = train_data.batch(step * cfg.gradient_accumulation_steps + micro)
+                loss, n = _loss(model, batch, cfg.stage, cfg.precision, cfg.device)
+                (loss / cfg.gradient_accumulation_steps).backward()
+                loss_sum += float(loss.detach())
+                tokens += int(batch["input_ids"].numel())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            rec = {"step": step + 1, "loss": loss_sum / cfg.gradient_accumulation_steps, "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "flops_per_s": 6 * n_params * tokens / dt,
+                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            if cfg.eval_steps and val is not None and (step + 1) % cfg.eval_steps == 0:
+                rec.update(evaluate(model, val, cfg))
+            history.append(rec)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update(1)
+            if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total:
+                _save(out, step + 1, llm, opt, cfg, history)
+        final = _save(out, total, llm, opt, cfg, history) if start < total or latest_checkpoint(out) is None \
+            else latest_checkpoint(out)
+    finally:
+        log.close()
+        if bar is not None:
+            bar.close()
+    summary = {"steps": total, "checkpoint": str(final), "history": history}
+    if val is not None:
+        summary.update(evaluate(model, val, cfg))
+    return summary
