@@ -201,7 +201,8 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
           gradient_accumulation_steps: int = 1, learning_rate: float = 3e-4, weight_decay: float = 0.0,
           warmup_proportion: float = 0.0, lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
           num_train_epochs: float = 1.0, max_steps: int | None = None,
-          precision: Literal["fp32", "bf16", "fp16"] = "fp32", gradient_checkpointing: bool = False,
+          precision: Literal["fp32", "bf16", "fp16"] = "fp32", zero_stage: int | None = None, offload: bool = False,
+          nproc: int = 1, gradient_checkpointing: bool = False,
           save_steps: int = 0, eval_steps: int = 0, seed: int = 0, resume: bool = False, device: str = "cpu",
           progress: bool = True) -> int:
     """Pre-train or fine-tune (SFT) on data from `telechat data prepare`.
@@ -211,7 +212,9 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
     dialogues never attend to each other. Checkpoints (every --save-steps and at the end) are
     OUTPUT/checkpoint-STEP folders that `telechat chat --model` loads, plus the optimizer and RNG
     state: --resume continues exactly. Per-step loss, learning rate, tokens/s and memory go to
-    OUTPUT/log.jsonl.
+    OUTPUT/log.jsonl. With --zero-stage (or --nproc N, or under `deepspeed -m telechat.train ...`,
+    e.g. with a --hostfile for several nodes) the step runs on DeepSpeed's engine (ZeRO 0-3,
+    optional CPU offload; gloo on CPU); otherwise in plain PyTorch.
 
     Args:
         stage: pretrain or sft.
@@ -229,6 +232,9 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
         num_train_epochs: passes over the data (when --max-steps is not given).
         max_steps: optimizer steps.
         precision: fp32, bf16 (autocast) or fp16 (GPU).
+        zero_stage: DeepSpeed ZeRO stage 0-3 (default: plain PyTorch in one process).
+        offload: ZeRO-Offload of the optimizer state (and parameters at stage 3) to CPU memory.
+        nproc: launch N local processes through DeepSpeed's launcher (data parallel).
         gradient_checkpointing: recompute activations in the backward pass.
         save_steps: save every N steps (0: only at the end).
         eval_steps: validation loss and perplexity every N steps (0: only at the end).
@@ -237,17 +243,43 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
         device: torch device.
         progress: show a progress bar.
     """
+    import os
+    import subprocess
+
     from .train import TrainConfig
     from .train import train as run
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # relaunch through DeepSpeed's launcher
+        import shutil
+
+        launcher = shutil.which("deepspeed")
+        if launcher is None:
+            raise ValueError("--nproc needs DeepSpeed (pip install deepspeed)")
+        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
+        if "--nproc" in sys.argv:
+            i = sys.argv.index("--nproc")
+            argv = sys.argv[1:i] + sys.argv[i + 2:]
+        argv = argv[argv.index("train") + 1:]
+        if zero_stage is None:
+            argv += ["--zero-stage", "0"]
+        env = dict(os.environ)
+        if device == "cpu":
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        cmd = [launcher, "--num_nodes", "1", "--num_gpus", str(nproc), "--master_port",
+               str(_free_port()), "--module", "telechat.train", *argv]
+        return subprocess.call(cmd, env=env)
 
     cfg = TrainConfig(stage=stage, data=data, output=output, model=model, preset=preset, max_seq_len=max_seq_len,
                       per_device_batch_size=per_device_batch_size,
                       gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
                       weight_decay=weight_decay, warmup_proportion=warmup_proportion, lr_scheduler=lr_scheduler,
                       num_train_epochs=num_train_epochs, max_steps=max_steps, precision=precision,
+                      zero_stage=zero_stage, offload=offload,
                       gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
                       seed=seed, resume=resume, device=device, progress=progress)
     s = run(cfg)
+    if s.get("rank", 0) != 0:
+        return 0
     last = s["history"][-1] if s["history"] else {}
     val = f", val loss {s['val_loss']:.4f} (ppl {s['val_ppl']:.2f})" if "val_loss" in s else ""
     print(f"trained {s['steps']} steps, last loss {last.get('loss', float('nan')):.4f}{val}; "
@@ -340,6 +372,14 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
     except FileNotFoundError as e:
         raise DataError(str(e)) from None
     return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ---- argparse from signatures --------------------------------------------------------------------

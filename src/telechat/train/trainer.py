@@ -44,6 +44,8 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     max_steps: int | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int | None = None  # None: plain PyTorch (unless launched by DeepSpeed's launcher)
+    offload: bool = False
     gradient_checkpointing: bool = False
     save_steps: int = 0
     eval_steps: int = 0
@@ -65,6 +67,10 @@ class TrainConfig:
             raise ValueError(f"warmup_proportion must be in [0, 1), got {self.warmup_proportion}")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("fp16 training needs a GPU; use --precision bf16 or fp32 on CPU")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload and self.zero_stage not in (2, 3):
+            raise ValueError("--offload needs --zero-stage 2 or 3")
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -172,21 +178,30 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def _save(out: Path, step: int, llm: LLM, opt, cfg: TrainConfig, history: list[dict]) -> Path:
-    """checkpoint-STEP/: the model folder plus trainer_state.pt, renamed into place when complete."""
+def _save(out: Path, step: int, llm: LLM, runner: _Plain, cfg: TrainConfig, history: list[dict]) -> Path:
+    """checkpoint-STEP/: the model folder plus the optimizer/RNG state, renamed into place when complete
+    (a crash while saving leaves the previous checkpoint as `latest`)."""
     final = out / f"checkpoint-{step:07d}"
     tmp = out / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    llm.save(tmp)
-    state = {"step": step, "optimizer": opt.state_dict(), "config": asdict(cfg), "history": history,
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
-    torch.save(state, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest = out / "latest"
-    (out / "latest.tmp").write_text(final.name)
-    os.replace(out / "latest.tmp", latest)
+    if runner.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    runner.barrier()
+    with runner.gathered():
+        if runner.rank == 0:
+            llm.save(tmp)
+    runner.barrier()
+    extra = runner.save_state(tmp)  # collective under DeepSpeed
+    runner.barrier()
+    if runner.rank == 0:
+        state = {"step": step, "config": asdict(cfg), "history": history, **extra,
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        torch.save(state, tmp / "trainer_state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (out / "latest.tmp").write_text(final.name)
+        os.replace(out / "latest.tmp", out / "latest")
+    runner.barrier()
     return final
 
 
@@ -196,6 +211,120 @@ def latest_checkpoint(out: Path) -> Path | None:
         return None
     path = Path(out) / f.read_text().strip()
     return path if (path / "trainer_state.pt").exists() else None
+
+
+# ---- plain PyTorch or DeepSpeed, behind one face ----------------------------------------------------
+class _Plain:
+    rank, world = 0, 1
+
+    def __init__(self, model, opt, sched, cfg: TrainConfig):
+        self.model, self.opt, self.sched, self.accum = model, opt, sched, cfg.gradient_accumulation_steps
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def micro_step(self):
+        pass
+
+    def step(self) -> float:
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def mean(self, x: float) -> float:
+        return x
+
+    def gathered(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def save_state(self, folder: Path) -> dict:
+        return {"optimizer": self.opt.state_dict()}
+
+    def load_state(self, folder: Path, state: dict, start: int) -> None:
+        fresh = load_model(folder, device=next(self.model.parameters()).device, dtype=torch.float32)
+        self.model.load_state_dict(fresh.state_dict())
+        self.opt.load_state_dict(state["optimizer"])
+        for _ in range(start):
+            self.sched.step()
+
+    def barrier(self):
+        pass
+
+
+class _DeepSpeed(_Plain):
+    """DeepSpeed's engine (ZeRO 0-3, optional CPU offload); on CPU it runs with the gloo backend."""
+
+    def __init__(self, model, opt, sched, cfg: TrainConfig):
+        if cfg.device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import deepspeed
+        except ImportError:
+            raise ValueError("DeepSpeed is not installed: pip install deepspeed (or train without --zero-stage/--nproc)") \
+                from None
+        import torch.distributed as dist
+
+        self.dist = dist
+        deepspeed.init_distributed(dist_backend="gloo" if cfg.device == "cpu" else "nccl")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        zero = {"stage": cfg.zero_stage or 0}
+        if cfg.offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+            if cfg.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu"}
+        ds_config = {"train_micro_batch_size_per_gpu": cfg.per_device_batch_size,
+                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "gradient_clipping": 1.0,
+                     "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False,
+                     "bf16": {"enabled": cfg.precision == "bf16"}, "fp16": {"enabled": cfg.precision == "fp16"},
+                     "steps_per_print": 10**9, "wall_clock_breakdown": False}
+        self.engine, self.opt, _, self.sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                                    config=ds_config)
+        self.model = self.engine
+        self.deepspeed = deepspeed
+        self.zero3 = cfg.zero_stage == 3
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def micro_step(self):
+        self.engine.step()  # applies the update at the accumulation boundary only
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def mean(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64)
+        self.dist.all_reduce(t)
+        return float(t) / self.world
+
+    def gathered(self):
+        if self.zero3:  # full weights on every rank for the duration (to save them)
+            return self.deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return super().gathered()
+
+    def save_state(self, folder: Path) -> dict:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        return {}
+
+    def load_state(self, folder: Path, state: dict, start: int) -> None:
+        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+
+    def barrier(self):
+        self.dist.barrier()
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -238,23 +367,23 @@ def train(cfg: TrainConfig) -> dict:
     total = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(train_data) / per_step))
     warmup = int(cfg.warmup_proportion * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.lr_scheduler))
+    use_ds = cfg.zero_stage is not None or _world() > 1
+    runner = (_DeepSpeed if use_ds else _Plain)(model, opt, sched, cfg)
     start, history = 0, []
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        fresh = load_model(ckpt, device=cfg.device, dtype=torch.float32)
-        model.load_state_dict(fresh.state_dict())
-        opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
-        for _ in range(start):
-            sched.step()
+        runner.load_state(ckpt, state, start)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    log = open(out / "log.jsonl", "a", encoding="utf-8")
+    lead = runner.rank == 0
+    if lead:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    log = open(out / "log.jsonl", "a", encoding="utf-8") if lead else None
     n_params = sum(p.numel() for p in model.parameters())
     bar = None
-    if cfg.progress:
+    if cfg.progress and lead:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
@@ -262,39 +391,41 @@ def train(cfg: TrainConfig) -> dict:
         for step in range(start, total):
             t0 = time.perf_counter()
             loss_sum, tokens = 0.0, 0
+            lr = runner.lr()  # the rate this step's update uses
             for micro in range(cfg.gradient_accumulation_steps):
-                batch = train_data.batch(step * cfg.gradient_accumulation_steps + micro)
-                loss, n = _loss(model, batch, cfg.stage, cfg.precision, cfg.device)
-                (loss / cfg.gradient_accumulation_steps).backward()
+                # each rank its own batches of one deterministic stream
+                batch = train_data.batch((step * cfg.gradient_accumulation_steps + micro) * runner.world + runner.rank)
+                loss, n = _loss(runner.model, batch, cfg.stage, cfg.precision, cfg.device)
+                runner.backward(loss)
+                runner.micro_step()
                 loss_sum += float(loss.detach())
-                tokens += int(batch["input_ids"].numel())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+                tokens += int(batch["input_ids"].numel()) * runner.world
+            grad_norm = runner.step()
+            loss_sum = runner.mean(loss_sum)
             dt = time.perf_counter() - t0
             rec = {"step": step + 1, "loss": loss_sum / cfg.gradient_accumulation_steps, "lr": lr,
                    "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "flops_per_s": 6 * n_params * tokens / dt,
                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             if cfg.eval_steps and val is not None and (step + 1) % cfg.eval_steps == 0:
-                rec.update(evaluate(model, val, cfg))
+                rec.update(evaluate(runner.model, val, cfg))
             history.append(rec)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            if lead and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total:
-                _save(out, step + 1, llm, opt, cfg, history)
-        final = _save(out, total, llm, opt, cfg, history) if start < total or latest_checkpoint(out) is None \
+                _save(out, step + 1, llm, runner, cfg, history)
+        final = _save(out, total, llm, runner, cfg, history) if start < total or latest_checkpoint(out) is None \
             else latest_checkpoint(out)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         if bar is not None:
             bar.close()
-    summary = {"steps": total, "checkpoint": str(final), "history": history}
+    summary = {"steps": total, "checkpoint": str(final), "history": history, "rank": runner.rank,
+               "world_size": runner.world, "engine": "deepspeed" if use_ds else "pytorch"}
     if val is not None:
-        summary.update(evaluate(model, val, cfg))
+        summary.update(evaluate(runner.model, val, cfg))
     return summary
