@@ -18,6 +18,8 @@ from telechat.data.prepare import prepare_pretrain, prepare_sft
 from telechat.train import TrainConfig, latest_checkpoint, train
 from telechat.train.trainer import lr_factor
 
+from conftest import shared_path
+
 QA = [("你好", "你好！我是TeleChat。"), ("What is the capital of France?", "Paris is the capital of France."),
       ("北京是中国的首都吗？", "是的，北京是中国的首都。"), ("Count to three.", "One, two, three."),
       ("今天天气怎么样？", "今天天气很好，我们去公园散步吧。"), ("Say hello.", "Hello, world!")]
@@ -59,7 +61,8 @@ def test_sft_loss_falls_and_checkpoint_chats(sft_dir, tmp_path):
     assert isinstance(answer, str) and history[-1]["role"] == "bot"
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, 31))
-    assert {"loss", "lr", "tokens_per_s", "max_rss_mb", "grad_norm"} <= set(logged[0])
+    assert {"loss", "lr", "tokens_per_s", "max_rss_mb", "grad_norm", "mfu"} <= set(logged[0])
+    assert 0 < logged[-1]["mfu"] < 1.5 and logged[0]["lr"] == pytest.approx(3e-3)
 
 
 def test_gradient_accumulation_equals_bigger_batch(sft_dir, tmp_path):
@@ -135,3 +138,19 @@ def test_deepspeed_two_processes(sft_dir, tmp_path, zero):
         assert torch.isfinite(llm.model(torch.tensor([[5, 6, 7]]))).all()
     answer, _ = llm.chat("你好", max_new_tokens=4)
     assert isinstance(answer, str)
+
+
+def test_sft_on_the_shared_telechat_examples(tmp_path):
+    """A few SFT steps on TeleChat's own dialogue examples with the official 12B tokenizer: the
+    checkpoint chats in TeleChat's format."""
+    tok = shared_path("telechat-official", "12B")
+    single = shared_path("data", "sft", "telechat", "single_turn_example.jsonl")
+    multi = shared_path("data", "sft", "telechat", "multi_turn_example.jsonl")
+    (tmp_path / "data.json").write_text(json.dumps({str(single): 0.05, str(multi): 0.05}))
+    prepare_sft(tmp_path / "data.json", tok, 256, tmp_path / "sft", num_samples=12, seed=0)
+    s = train(cfg(tmp_path / "sft", tmp_path / "run", max_steps=3, per_device_batch_size=2, eval_fraction=0.2))
+    assert len(s["history"]) == 3 and all(np.isfinite(h["loss"]) for h in s["history"])
+    llm = telechat.load(s["checkpoint"])
+    assert llm.tokenizer.user_id == 20 and llm.config.vocab_size >= 120000
+    answer, history = llm.chat("你好", max_new_tokens=4)
+    assert history == [{"role": "user", "content": "你好"}, {"role": "bot", "content": answer}]

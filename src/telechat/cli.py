@@ -204,7 +204,7 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
           precision: Literal["fp32", "bf16", "fp16"] = "fp32", zero_stage: int | None = None, offload: bool = False,
           nproc: int = 1, gradient_checkpointing: bool = False,
           save_steps: int = 0, eval_steps: int = 0, seed: int = 0, resume: bool = False, device: str = "cpu",
-          progress: bool = True) -> int:
+          progress: bool = True, tensorboard: bool = False) -> int:
     """Pre-train or fine-tune (SFT) on data from `telechat data prepare`.
 
     AdamW (0.9, 0.95), eps 1e-5, no weight decay on biases and norms, gradient clipping 1.0,
@@ -242,6 +242,7 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
         resume: continue from OUTPUT's latest checkpoint.
         device: torch device.
         progress: show a progress bar.
+        tensorboard: also write TensorBoard scalars to OUTPUT/tensorboard.
     """
     import os
     import subprocess
@@ -276,7 +277,7 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
                       num_train_epochs=num_train_epochs, max_steps=max_steps, precision=precision,
                       zero_stage=zero_stage, offload=offload,
                       gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
-                      seed=seed, resume=resume, device=device, progress=progress)
+                      seed=seed, resume=resume, device=device, progress=progress, tensorboard=tensorboard)
     s = run(cfg)
     if s.get("rank", 0) != 0:
         return 0

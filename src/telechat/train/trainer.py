@@ -55,6 +55,7 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 1
     progress: bool = True
+    tensorboard: bool = False
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -323,6 +324,20 @@ class _DeepSpeed(_Plain):
         self.dist.barrier()
 
 
+def measured_matmul_flops(device: str = "cpu", dtype=torch.float32, seconds: float = 0.3) -> float:
+    """The matmul rate this device reaches (FLOP/s), the denominator of the MFU estimate."""
+    n = 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        runs += 1
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return 2 * n**3 * runs / (time.perf_counter() - t0)
+
+
 def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -382,6 +397,14 @@ def train(cfg: TrainConfig) -> dict:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     log = open(out / "log.jsonl", "a", encoding="utf-8") if lead else None
     n_params = sum(p.numel() for p in model.parameters())
+    peak = measured_matmul_flops(cfg.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    writer = None
+    if cfg.tensorboard and lead:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        writer = SummaryWriter(str(out / "tensorboard"))
     bar = None
     if cfg.progress and lead:
         from tqdm import tqdm
@@ -405,6 +428,7 @@ def train(cfg: TrainConfig) -> dict:
             dt = time.perf_counter() - t0
             rec = {"step": step + 1, "loss": loss_sum / cfg.gradient_accumulation_steps, "lr": lr,
                    "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "flops_per_s": 6 * n_params * tokens / dt,
+                   "mfu": 6 * n_params * tokens / dt / (peak * runner.world),
                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             if cfg.eval_steps and val is not None and (step + 1) % cfg.eval_steps == 0:
                 rec.update(evaluate(runner.model, val, cfg))
@@ -412,6 +436,10 @@ def train(cfg: TrainConfig) -> dict:
             if lead and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                if writer is not None:
+                    for k, v in rec.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step + 1)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
@@ -422,6 +450,8 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         if log is not None:
             log.close()
+        if writer is not None:
+            writer.close()
         if bar is not None:
             bar.close()
     summary = {"steps": total, "checkpoint": str(final), "history": history, "rank": runner.rank,
