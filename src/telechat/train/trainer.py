@@ -345,7 +345,9 @@ def _world() -> int:
 # ---- the loop ----------------------------------------------------------------------------------
 def _loss(model, batch: dict, stage: str, precision: str, device: str) -> tuple[torch.Tensor, int]:
     ids = batch["input_ids"].to(device)
-    seg = batch.get("segment_ids")
+    # SFT dialogues attend only within themselves; pre-training blocks are plain causal text (documents
+    # separated by <_end>), as in the usual GPT-style recipe and cheaper (no explicit mask).
+    seg = batch.get("segment_ids") if stage == "sft" else None
     seg = seg.to(device) if seg is not None else None
     mask = batch.get("loss_mask") if stage == "sft" else None
     labels = packed_labels(ids, mask.to(device) if mask is not None else None, seg)
