@@ -172,6 +172,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                     training_seqlen=32, seq_length=32, base_seqlen=32, tie_word_embeddings=False),
     "small": _preset(vocab_size=4096, hidden_size=256, n_layer=4, n_head=8, ffn_hidden_size=704,
                      training_seqlen=512, seq_length=512, tie_word_embeddings=True),
+    "30M": _preset(vocab_size=16000, hidden_size=512, n_layer=8, n_head=8, ffn_hidden_size=1408,
+                   training_seqlen=512, seq_length=512, tie_word_embeddings=True),
     "100M": _preset(vocab_size=32000, hidden_size=768, n_layer=12, n_head=12, ffn_hidden_size=2048,
                     training_seqlen=2048, seq_length=2048, tie_word_embeddings=True),
 }
