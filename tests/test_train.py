@@ -154,3 +154,30 @@ def test_sft_on_the_shared_telechat_examples(tmp_path):
     assert llm.tokenizer.user_id == 20 and llm.config.vocab_size >= 120000
     answer, history = llm.chat("你好", max_new_tokens=4)
     assert history == [{"role": "user", "content": "你好"}, {"role": "bot", "content": answer}]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_resume_is_exact_after_sigkill(sft_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    args = [sys.executable, "-m", "telechat.cli", "train", "--stage", "sft", "--data", str(sft_dir), "--preset", "tiny",
+            "--max-steps", "8", "--learning-rate", "3e-3", "--per-device-batch-size", "2", "--nproc", "2",
+            "--zero-stage", "3", "--save-steps", "4", "--no-progress"]
+    ref = tmp_path / "ref"
+    subprocess.run(args + ["--output", str(ref)], env=env, check=True, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--output", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "latest").exists():
+        assert time.time() < deadline and proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    assert latest_checkpoint(out).name == "checkpoint-0000004"
+    subprocess.run(args + ["--output", str(out), "--resume"], env=env, check=True, capture_output=True, timeout=600)
+
+    def losses(run):
+        state = torch.load(latest_checkpoint(run) / "trainer_state.pt", weights_only=False)
+        return [(h["step"], h["loss"]) for h in state["history"]]
+    assert losses(out) == losses(ref) and len(losses(ref)) == 8
