@@ -185,9 +185,12 @@ class Transformer(nn.Module):
         segment_ids [B, T] (packed training samples): each segment attends only within itself and
         its positions start at 0, as if it were alone; 0 marks padding."""
         B, T = input_ids.shape
+        packed_mask = None
         if segment_ids is not None:
-            return self._packed(input_ids, segment_ids, last_only)
-        if input_pos is None:
+            input_pos, packed_mask = packed_positions_and_mask(segment_ids)
+            kv_len, cached = T, None
+            rope = rope_cos_sin(self.config, input_pos, T)
+        elif input_pos is None:
             input_pos, kv_len, cached = torch.arange(T, device=input_ids.device), T, None
         else:
             kv_len = kv_len or int(input_pos.max()) + 1
@@ -204,7 +207,7 @@ class Transformer(nn.Module):
         if self.config.embed_layernorm:
             h = self.word_embeddings_layernorm(h)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
-        mask = build_mask(input_pos, kv_len, attention_mask)
+        mask = packed_mask if packed_mask is not None else build_mask(input_pos, kv_len, attention_mask)
         for i, block in enumerate(self.h):
             last = last_only and i == len(self.h) - 1
             if self.gradient_checkpointing and self.training:
@@ -213,31 +216,6 @@ class Transformer(nn.Module):
             else:
                 h = block(h, cos, sin, mask, cached, kv_len, last)
         return self.ln_f(h[:, -1:] if last_only else h)
-
-    def _packed(self, input_ids: Tensor, segment_ids: Tensor, last_only: bool) -> Tensor:
-        T = input_ids.shape[1]
-        idx = torch.arange(T, device=input_ids.device)
-        starts = torch.ones_like(segment_ids, dtype=torch.bool)
-        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        # position = index - index of the segment's first token (a running max of start indices)
-        first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
-        positions = idx - first
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = (same & (idx[None, :] <= idx[:, None])) | torch.eye(T, dtype=torch.bool, device=idx.device)
-        cos, sin = rope_cos_sin(self.config, positions, T)
-        h = self.word_embeddings(input_ids)
-        if self.config.embed_layernorm:
-            h = self.word_embeddings_layernorm(h)
-        cos, sin = cos.to(h.dtype)[:, None], sin.to(h.dtype)[:, None]
-        mask = mask[:, None]
-        for i, block in enumerate(self.h):
-            last = last_only and i == len(self.h) - 1
-            if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, None, T, last, use_reentrant=False)
-            else:
-                h = block(h, cos, sin, mask, None, T, last)
-        return self.ln_f(h[:, -1:] if last_only else h)
-
 
 class TeleChat(nn.Module):
     """TelechatForCausalLM. `model(input_ids)` returns logits [B, T, V]."""
@@ -310,6 +288,20 @@ class TeleChat(nn.Module):
         except ImportError as e:
             raise RuntimeError("model.chat needs the telechat package (pip install telechat)") from e
         return chat(self, tokenizer, question, history, generation_config=generation_config, stream=stream, **kwargs)
+
+
+def packed_positions_and_mask(segment_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions [B, T] restarting at 0 in each segment, and the block-diagonal causal mask
+    [B, 1, T, T] (a token always sees itself, so padding rows never go all -inf)."""
+    T = segment_ids.shape[1]
+    idx = torch.arange(T, device=segment_ids.device)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    # position = index - index of the segment's first token (a running max of start indices)
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = (same & (idx[None, :] <= idx[:, None])) | torch.eye(T, dtype=torch.bool, device=idx.device)
+    return idx - first, mask[:, None]
 
 
 def build_mask(input_pos: Tensor, kv_len: int, attention_mask: Tensor | None) -> Tensor | None:
