@@ -181,3 +181,68 @@ def test_deepspeed_zero3_resume_is_exact_after_sigkill(sft_dir, tmp_path):
         state = torch.load(latest_checkpoint(run) / "trainer_state.pt", weights_only=False)
         return [(h["step"], h["loss"]) for h in state["history"]]
     assert losses(out) == losses(ref) and len(losses(ref)) == 8
+
+
+# ---- several sources, dynamic mixing ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory, sp_model) -> Path:
+    """easy: one sentence over and over (learned in a few steps); hard: random digits (never below log 10)."""
+    d = tmp_path_factory.mktemp("mix")
+    rng = np.random.default_rng(0)
+    texts = {"easy": ["TeleChat is a bilingual model. " * 8] * 40,
+             "hard": ["".join(map(str, rng.integers(0, 10, 120))) for _ in range(40)]}
+    for name, docs in texts.items():
+        (d / f"{name}.jsonl").write_text("\n".join(json.dumps({"data": t}) for t in docs), encoding="utf-8")
+        prepare_pretrain([d / f"{name}.jsonl"], sp_model, 32, d / "sources" / name, val_fraction=0.2)
+    return d / "sources"
+
+
+def test_bounded_and_dynamic_weights():
+    from telechat.train.trainer import bounded_weights, dynamic_weights
+
+    w = bounded_weights(np.array([0.01, 0.01, 0.98]), 0.1, 0.7)
+    assert np.isclose(w.sum(), 1) and w.min() >= 0.1 - 1e-9 and w.max() <= 0.7 + 1e-9
+    prior = np.full(3, 1 / 3)
+    w = dynamic_weights(np.array([2.0, 3.0, 4.0]), 2.0, prior, 1.0, 0.05, 0.9)
+    assert w[0] < w[1] < w[2] and np.isclose(w.sum(), 1)  # furthest above the floor: most weight
+    assert np.allclose(dynamic_weights(np.array([3.0, 3.0, 3.0]), 2.0, prior, 1.0, 0.05, 0.9), prior)
+    assert np.allclose(dynamic_weights(np.array([2.0, 9.0]), 2.0, np.full(2, 0.5), 5.0, 0.2, 0.8), [0.2, 0.8])
+
+
+def test_dynamic_mix_moves_weight_toward_the_harder_source(two_sources, tmp_path):
+    s = train(cfg(two_sources, tmp_path / "run", stage="pretrain", max_steps=48, mix="dynamic", mix_every=4,
+                  learning_rate=1e-2, mix_eta=2.0, mix_min_weight=0.1, mix_max_weight=0.9))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    weights = [r["mix_weights"]["hard"] for r in logged if "mix_weights" in r]
+    n = {k: len(np.load(two_sources / k / "train" / "input_ids.npy")) for k in ("easy", "hard")}
+    assert weights[0] == pytest.approx(n["hard"] / (n["easy"] + n["hard"]))  # the natural start: by size
+    assert len(weights) == 1 + 48 // 4 and all(0.1 - 1e-9 <= w <= 0.9 + 1e-9 for w in weights)
+    measured = [r["mix_val_loss"] for r in logged if "mix_val_loss" in r]
+    assert measured[-1]["hard"] > measured[-1]["easy"] + 0.5  # the sources really differ in difficulty
+    assert weights[-1] > max(0.75, weights[0] + 0.3)  # moved toward the harder one
+    assert s["mix_weights"]["hard"] == pytest.approx(weights[-1]) and set(s["val_loss_by_source"]) == {"easy", "hard"}
+
+
+def test_dynamic_mix_resumes_exactly(two_sources, tmp_path):
+    kw = dict(stage="pretrain", max_steps=12, mix="dynamic", mix_every=3, save_steps=5)
+    ref = train(cfg(two_sources, tmp_path / "ref", **kw))
+    run = tmp_path / "run"
+    train(cfg(two_sources, run, **kw))
+    # as if the run had died after checkpoint 5: only that checkpoint is left
+    for ck in run.glob("checkpoint-*"):
+        if ck.name != "checkpoint-0000005":
+            import shutil
+            shutil.rmtree(ck)
+    (run / "latest").write_text("checkpoint-0000005")
+    resumed = train(cfg(two_sources, run, resume=True, **kw))
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in ref["history"]]
+    assert resumed["mix_weights"] == ref["mix_weights"]
+
+
+def test_sources_by_comma_and_natural_weights(two_sources, tmp_path):
+    data = f"{two_sources / 'easy'},{two_sources / 'hard'}"
+    s = train(cfg(data, tmp_path / "run", stage="pretrain", max_steps=3))
+    n = {k: len(np.load(two_sources / k / "train" / "input_ids.npy")) for k in ("easy", "hard")}
+    assert s["mix_weights"] == pytest.approx({k: v / sum(n.values()) for k, v in n.items()})
+    with pytest.raises(ValueError, match="several sources"):
+        train(cfg(two_sources / "easy", tmp_path / "x", stage="pretrain", mix="dynamic"))

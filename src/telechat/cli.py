@@ -204,7 +204,9 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
           precision: Literal["fp32", "bf16", "fp16"] = "fp32", zero_stage: int | None = None, offload: bool = False,
           nproc: int = 1, gradient_checkpointing: bool = False,
           save_steps: int = 0, eval_steps: int = 0, seed: int = 0, resume: bool = False, device: str = "cpu",
-          progress: bool = True, tensorboard: bool = False) -> int:
+          progress: bool = True, tensorboard: bool = False,
+          mix: Literal["natural", "uniform", "dynamic"] = "natural", mix_every: int = 0, mix_eta: float = 1.0,
+          mix_min_weight: float = 0.05, mix_max_weight: float = 0.95) -> int:
     """Pre-train or fine-tune (SFT) on data from `telechat data prepare`.
 
     AdamW (0.9, 0.95), eps 1e-5, no weight decay on biases and norms, gradient clipping 1.0,
@@ -216,9 +218,15 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
     e.g. with a --hostfile for several nodes) the step runs on DeepSpeed's engine (ZeRO 0-3,
     optional CPU offload; gloo on CPU); otherwise in plain PyTorch.
 
+    Several sources (DATA/SOURCE/ prepared folders, or A,B) are sampled by --mix: natural (by
+    size), uniform, or dynamic: every --mix-every steps each source's held-out loss is measured and
+    sampling moves toward the sources furthest above the lowest loss reached so far, within
+    [--mix-min-weight, --mix-max-weight]; the weights go to log.jsonl.
+
     Args:
         stage: pretrain or sft.
-        data: a folder written by `telechat data prepare` (--mode pretrain or sft).
+        data: a folder written by `telechat data prepare` (--mode pretrain or sft), a folder of such
+            folders (one per source), or several, comma-separated.
         output: folder for checkpoints and logs.
         model: checkpoint folder to start from (or "default").
         preset: start from random weights of a named size (tiny, small, 100M, 1B, 7B, 12B).
@@ -243,6 +251,11 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
         device: torch device.
         progress: show a progress bar.
         tensorboard: also write TensorBoard scalars to OUTPUT/tensorboard.
+        mix: how several sources are sampled: natural, uniform or dynamic.
+        mix_every: dynamic: reweight every N steps (0: every --eval-steps, or 50).
+        mix_eta: dynamic: strength of the tilt (weight ~ exp(eta * excess loss in nats)).
+        mix_min_weight: dynamic: least sampling weight of any source.
+        mix_max_weight: dynamic: most sampling weight of any source.
     """
     import os
     import subprocess
@@ -277,7 +290,9 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
                       num_train_epochs=num_train_epochs, max_steps=max_steps, precision=precision,
                       zero_stage=zero_stage, offload=offload,
                       gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
-                      seed=seed, resume=resume, device=device, progress=progress, tensorboard=tensorboard)
+                      seed=seed, resume=resume, device=device, progress=progress, tensorboard=tensorboard,
+                      mix=mix, mix_every=mix_every, mix_eta=mix_eta, mix_min_weight=mix_min_weight,
+                      mix_max_weight=mix_max_weight)
     s = run(cfg)
     if s.get("rank", 0) != 0:
         return 0

@@ -56,6 +56,12 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     tensorboard: bool = False
+    mix: Literal["natural", "uniform", "dynamic"] = "natural"  # how several sources are sampled
+    mix_every: int = 0  # dynamic: reweight every N steps (0: --eval-steps, or 50)
+    mix_eta: float = 1.0  # dynamic: weight ~ exp(eta * excess loss in nats)
+    mix_min_weight: float = 0.05
+    mix_max_weight: float = 0.95
+    mix_eval_batches: int = 4  # dynamic: held-out batches per source and measurement
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -72,6 +78,11 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload and self.zero_stage not in (2, 3):
             raise ValueError("--offload needs --zero-stage 2 or 3")
+        if not 0 <= self.mix_min_weight <= self.mix_max_weight <= 1:
+            raise ValueError(f"need 0 <= mix_min_weight <= mix_max_weight <= 1, got {self.mix_min_weight} "
+                             f"and {self.mix_max_weight}")
+        if self.mix_every < 0 or self.mix_eval_batches < 1 or self.mix_eta < 0:
+            raise ValueError("mix_every must be >= 0, mix_eval_batches >= 1 and mix_eta >= 0")
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -90,11 +101,20 @@ class Batches:
             self._orders = {epoch: self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]}
         return self._orders[epoch]
 
+    def stream_row(self, position: int) -> int:
+        """The row at `position` of the endless stream (epoch after epoch)."""
+        return int(self.order(position // len(self.rows))[position % len(self.rows)])
+
     def batch(self, index: int) -> dict[str, torch.Tensor]:
-        """The `index`-th batch of the endless stream (epoch after epoch)."""
-        start, n = index * self.batch_size, len(self.rows)
-        picks = [self.order((start + i) // n)[(start + i) % n] for i in range(self.batch_size)]
-        return self.take(picks)
+        """The `index`-th batch of the endless stream."""
+        return self.take([self.stream_row(index * self.batch_size + i) for i in range(self.batch_size)])
+
+    def micro_batch(self, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """This rank's share of global micro-batch `micro`; every rank reads its own batches."""
+        return self.batch(micro * world + rank)
+
+    def max_token_id(self) -> int:
+        return int(np.max(np.asarray(self.arrays["input_ids"][:256])))
 
     def take(self, picks) -> dict[str, torch.Tensor]:
         picks = np.asarray(picks)
@@ -105,15 +125,112 @@ class Batches:
         return out
 
 
-def _datasets(cfg: TrainConfig) -> tuple[Batches, Batches | None, dict]:
-    mf = Path(cfg.data) / "manifest.json"
+def bounded_weights(w: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """`w` normalised, then moved into [lo, hi] per entry while still summing to one."""
+    w = np.asarray(w, np.float64) / np.sum(w)
+    for _ in range(len(w) + 1):
+        clipped = np.clip(w, lo, hi)
+        gap = 1.0 - clipped.sum()
+        free = (clipped > lo) if gap < 0 else (clipped < hi)
+        if abs(gap) < 1e-12 or not free.any():
+            return clipped / clipped.sum()
+        w = clipped
+        w[free] += gap * w[free] / w[free].sum()
+    return w / w.sum()
+
+
+def dynamic_weights(losses: np.ndarray, floor: float, prior: np.ndarray, eta: float, lo: float, hi: float) -> np.ndarray:
+    """Weights tilted toward the sources whose held-out loss sits furthest above the running minimum.
+
+    The running minimum is the lowest held-out loss reached on any source so far. (A per-source
+    minimum is no signal: a source the model is still learning always sits at its own minimum.) A
+    source the model has already learned sits near it and gives way; a harder one, or one being
+    forgotten, gains: w_i ~ prior_i * exp(eta * (loss_i - floor)), then bounded to [lo, hi] so that
+    no source starves and an unlearnable one cannot take over.
+    """
+    excess = np.asarray(losses, np.float64) - floor
+    logits = np.log(np.asarray(prior, np.float64)) + eta * (excess - excess.max())
+    return bounded_weights(np.exp(logits), lo, hi)
+
+
+class Mixture:
+    """Several prepared sources, sampled by weight.
+
+    The source of every sample is drawn from (seed, micro-batch, slot) with the weights in force, and
+    each source is read in its own deterministic order; every rank draws the whole global micro-batch
+    and keeps its own slice, so all ranks hold the same cursors and a resumed run (which restores
+    cursors and weights) draws exactly what an uninterrupted one would.
+    """
+
+    def __init__(self, sources: dict[str, Batches], weights: np.ndarray, batch_size: int, seed: int):
+        self.sources, self.names = sources, list(sources)
+        self.batch_size, self.seed = batch_size, seed
+        self.weights = np.asarray(weights, np.float64)
+        self.prior = self.weights.copy()
+        self.cursors = np.zeros(len(sources), np.int64)
+        self.floor = math.inf
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.sources.values())
+
+    def max_token_id(self) -> int:
+        return max(b.max_token_id() for b in self.sources.values())
+
+    def micro_batch(self, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, 7, micro])
+        choice = rng.choice(len(self.names), size=self.batch_size * world, p=self.weights)
+        picks = []
+        for s in choice:
+            picks.append((int(s), self.sources[self.names[s]].stream_row(int(self.cursors[s]))))
+            self.cursors[s] += 1
+        parts = [self.sources[self.names[s]].take([row]) for s, row in picks[rank * self.batch_size:
+                                                                              (rank + 1) * self.batch_size]]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def reweight(self, losses: dict[str, float], eta: float, lo: float, hi: float) -> None:
+        vec = np.array([losses[n] for n in self.names])
+        self.floor = min(self.floor, float(vec.min()))
+        self.weights = dynamic_weights(vec, self.floor, self.prior, eta, lo, hi)
+
+    def weight_dict(self) -> dict[str, float]:
+        return {n: float(w) for n, w in zip(self.names, self.weights)}
+
+    def state_dict(self) -> dict:
+        return {"names": self.names, "weights": self.weights.tolist(), "prior": self.prior.tolist(),
+                "cursors": self.cursors.tolist(), "floor": self.floor}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["names"] != self.names:
+            raise ValueError(f"the checkpoint was trained on sources {state['names']}, not {self.names}")
+        self.weights, self.prior = np.array(state["weights"]), np.array(state["prior"])
+        self.cursors, self.floor = np.array(state["cursors"], np.int64), float(state["floor"])
+
+
+def source_folders(data: str) -> dict[str, Path] | None:
+    """Several sources: comma-separated prepared folders, or a folder whose subfolders are prepared
+    folders (one per source). None for a single prepared folder."""
+    parts = [Path(p) for p in data.split(",") if p.strip()]
+    if len(parts) > 1:
+        names = [p.name for p in parts]
+        if len(set(names)) < len(names):
+            return {str(p): p for p in parts}
+        return dict(zip(names, parts))
+    root = parts[0] if parts else Path(data)
+    if (root / "manifest.json").exists() or not root.is_dir():
+        return None
+    subs = sorted(d for d in root.iterdir() if (d / "manifest.json").exists())
+    return {d.name: d for d in subs} or None
+
+
+def _one_source(cfg: TrainConfig, path: str | Path) -> tuple[Batches, Batches | None, dict]:
+    mf = Path(path) / "manifest.json"
     mode = json.loads(mf.read_text(encoding="utf-8")).get("mode") if mf.exists() else None
     if mode is not None and mode != cfg.stage:
-        raise ValueError(f"{cfg.data}: prepared with --mode {mode}, not {cfg.stage}")
+        raise ValueError(f"{path}: prepared with --mode {mode}, not {cfg.stage}")
     if cfg.stage == "sft":
-        arrays = load_prepared(cfg.data)
+        arrays = load_prepared(path)
         if arrays["manifest"]["mode"] != "sft":
-            raise ValueError(f"{cfg.data}: prepared with --mode {arrays['manifest']['mode']}, not sft")
+            raise ValueError(f"{path}: prepared with --mode {arrays['manifest']['mode']}, not sft")
         n = len(arrays["input_ids"])
         rows = np.random.default_rng([cfg.seed, 99]).permutation(n)
         n_val = int(round(n * cfg.eval_fraction)) if n > 1 else 0
@@ -121,24 +238,53 @@ def _datasets(cfg: TrainConfig) -> tuple[Batches, Batches | None, dict]:
         val = Batches(arrays, np.sort(rows[:n_val]), cfg.per_device_batch_size, cfg.seed) if n_val else None
         manifest = arrays["manifest"]
     else:
-        arrays = load_prepared(cfg.data, "train")
+        arrays = load_prepared(path, "train")
         if arrays["manifest"]["mode"] != "pretrain":
-            raise ValueError(f"{cfg.data}: prepared with --mode {arrays['manifest']['mode']}, not pretrain")
+            raise ValueError(f"{path}: prepared with --mode {arrays['manifest']['mode']}, not pretrain")
         train = Batches(arrays, np.arange(len(arrays["input_ids"])), cfg.per_device_batch_size, cfg.seed)
-        val_arrays = load_prepared(cfg.data, "val")
+        val_arrays = load_prepared(path, "val")
         val = Batches(val_arrays, np.arange(len(val_arrays["input_ids"])), cfg.per_device_batch_size, cfg.seed) \
             if len(val_arrays["input_ids"]) else None
         manifest = arrays["manifest"]
     seq = manifest["max_seq_len"]
     if cfg.max_seq_len is not None and cfg.max_seq_len != seq:
-        raise ValueError(f"{cfg.data} was prepared with max_seq_len {seq}, not {cfg.max_seq_len}: prepare it again")
+        raise ValueError(f"{path} was prepared with max_seq_len {seq}, not {cfg.max_seq_len}: prepare it again")
     if len(train) == 0:
-        raise ValueError(f"{cfg.data}: no training samples")
+        raise ValueError(f"{path}: no training samples")
     return train, val, manifest
 
 
+def _datasets(cfg: TrainConfig) -> tuple[Batches | Mixture, dict[str, Batches], dict]:
+    """The training stream, the held-out sets by source name ("" for a single source), the manifest."""
+    folders = source_folders(cfg.data)
+    if folders is None:
+        if cfg.mix == "dynamic":
+            raise ValueError(f"--mix dynamic needs several sources: --data with one prepared folder per source "
+                             f"(DIR/SOURCE/manifest.json) or A,B; {cfg.data} is a single prepared folder")
+        train, val, manifest = _one_source(cfg, cfg.data)
+        return train, ({"": val} if val is not None else {}), manifest
+    parts = {name: _one_source(cfg, path) for name, path in folders.items()}
+    first_name, (_, _, manifest) = next(iter(parts.items()))
+    for name, (_, _, m) in parts.items():
+        for key in ("max_seq_len", "tokenizer"):
+            if m.get(key) != manifest.get(key):
+                raise ValueError(f"sources {first_name} and {name} differ in {key}: {manifest.get(key)!r} vs "
+                                 f"{m.get(key)!r}; prepare them with the same tokenizer and --max-seq-len")
+    if cfg.mix == "dynamic":
+        missing = [n for n, (_, v, _) in parts.items() if v is None]
+        if missing:
+            raise ValueError(f"--mix dynamic measures each source's held-out loss, but {', '.join(missing)} has no "
+                             "held-out samples (pretrain: a val/ split; sft: --eval-fraction of the samples)")
+    sizes = np.array([len(t) for t, _, _ in parts.values()], np.float64)
+    weights = np.full(len(sizes), 1 / len(sizes)) if cfg.mix == "uniform" else sizes / sizes.sum()
+    if cfg.mix == "dynamic":
+        weights = bounded_weights(weights, cfg.mix_min_weight, cfg.mix_max_weight)
+    train = Mixture({n: t for n, (t, _, _) in parts.items()}, weights, cfg.per_device_batch_size, cfg.seed)
+    return train, {n: v for n, (_, v, _) in parts.items() if v is not None}, manifest
+
+
 # ---- model, optimizer, schedule ----------------------------------------------------------------
-def _build(cfg: TrainConfig, manifest: dict, data: Batches) -> LLM:
+def _build(cfg: TrainConfig, manifest: dict, data: Batches | Mixture) -> LLM:
     tok_path = manifest.get("tokenizer")
     tokenizer = load_tokenizer(tok_path) if tok_path and Path(tok_path).exists() else None
     if cfg.model is not None:
@@ -154,7 +300,7 @@ def _build(cfg: TrainConfig, manifest: dict, data: Batches) -> LLM:
         over["seq_length"] = max(manifest["max_seq_len"], 32)
         llm = from_preset(cfg.preset, device=cfg.device, seed=cfg.seed, tokenizer=tokenizer, **over)
         llm.generation_config = default_generation_config(llm.config, tokenizer)
-    top = int(np.max(np.asarray(data.arrays["input_ids"][:256])))
+    top = data.max_token_id()
     if top >= llm.config.vocab_size:
         raise ValueError(f"{cfg.data} has token id {top}, beyond the model's vocab_size {llm.config.vocab_size}: "
                          "the data was tokenized with another tokenizer")
@@ -179,7 +325,8 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def _save(out: Path, step: int, llm: LLM, runner: _Plain, cfg: TrainConfig, history: list[dict]) -> Path:
+def _save(out: Path, step: int, llm: LLM, runner: _Plain, cfg: TrainConfig, history: list[dict],
+          mixture: Mixture | None = None) -> Path:
     """checkpoint-STEP/: the model folder plus the optimizer/RNG state, renamed into place when complete
     (a crash while saving leaves the previous checkpoint as `latest`)."""
     final = out / f"checkpoint-{step:07d}"
@@ -195,6 +342,7 @@ def _save(out: Path, step: int, llm: LLM, runner: _Plain, cfg: TrainConfig, hist
     runner.barrier()
     if runner.rank == 0:
         state = {"step": step, "config": asdict(cfg), "history": history, **extra,
+                 "mixture": mixture.state_dict() if mixture is not None else None,
                  "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
         torch.save(state, tmp / "trainer_state.pt")
         if final.exists():
@@ -357,16 +505,39 @@ def _loss(model, batch: dict, stage: str, precision: str, device: str) -> tuple[
 
 
 @torch.no_grad()
-def evaluate(model, val: Batches, cfg: TrainConfig) -> dict:
-    model.eval()
+def _held_out_loss(model, val: Batches, cfg: TrainConfig, max_batches: int | None = None) -> tuple[float, int]:
+    """Summed token loss and token count over (the first `max_batches` batches of) a held-out set."""
     total, tokens = 0.0, 0
-    for i in range(0, len(val), val.batch_size):
-        batch = val.take(val.rows[i:i + val.batch_size])
-        loss, n = _loss(model, batch, cfg.stage, cfg.precision, cfg.device)
+    for b, i in enumerate(range(0, len(val), val.batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        loss, n = _loss(model, val.take(val.rows[i:i + val.batch_size]), cfg.stage, cfg.precision, cfg.device)
         total, tokens = total + float(loss) * n, tokens + n
+    return total, tokens
+
+
+def evaluate(model, vals: dict[str, Batches], cfg: TrainConfig) -> dict:
+    """Validation loss and perplexity over all held-out sets; with several sources, also per source."""
+    model.eval()
+    parts = {name: _held_out_loss(model, v, cfg) for name, v in vals.items()}
     model.train()
+    total, tokens = sum(t for t, _ in parts.values()), sum(n for _, n in parts.values())
     mean = total / max(tokens, 1)
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
+    out = {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
+    if len(parts) > 1:
+        out["val_loss_by_source"] = {name: t / max(n, 1) for name, (t, n) in parts.items()}
+    return out
+
+
+def _measure_sources(runner, vals: dict[str, Batches], cfg: TrainConfig) -> dict[str, float]:
+    """Each source's held-out loss on its first --mix-eval-batches batches, the same on every rank."""
+    runner.model.eval()
+    out = {}
+    for name, v in vals.items():
+        total, tokens = _held_out_loss(runner.model, v, cfg, cfg.mix_eval_batches)
+        out[name] = runner.mean(total / max(tokens, 1))
+    runner.model.train()
+    return out
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -374,7 +545,9 @@ def train(cfg: TrainConfig) -> dict:
     cfg.check()
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    train_data, val, manifest = _datasets(cfg)
+    train_data, vals, manifest = _datasets(cfg)
+    mixture = train_data if isinstance(train_data, Mixture) else None
+    mix_every = cfg.mix_every or cfg.eval_steps or 50
     torch.manual_seed(cfg.seed)
     llm = _build(cfg, manifest, train_data)
     model = llm.model.train()
@@ -391,6 +564,8 @@ def train(cfg: TrainConfig) -> dict:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         start, history = state["step"], state["history"]
         runner.load_state(ckpt, state, start)
+        if mixture is not None:
+            mixture.load_state_dict(state["mixture"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -419,7 +594,7 @@ def train(cfg: TrainConfig) -> dict:
             lr = runner.lr()  # the rate this step's update uses
             for micro in range(cfg.gradient_accumulation_steps):
                 # each rank its own batches of one deterministic stream
-                batch = train_data.batch((step * cfg.gradient_accumulation_steps + micro) * runner.world + runner.rank)
+                batch = train_data.micro_batch(step * cfg.gradient_accumulation_steps + micro, runner.rank, runner.world)
                 loss, n = _loss(runner.model, batch, cfg.stage, cfg.precision, cfg.device)
                 runner.backward(loss)
                 runner.micro_step()
@@ -432,22 +607,28 @@ def train(cfg: TrainConfig) -> dict:
                    "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "flops_per_s": 6 * n_params * tokens / dt,
                    "mfu": 6 * n_params * tokens / dt / (peak * runner.world),
                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-            if cfg.eval_steps and val is not None and (step + 1) % cfg.eval_steps == 0:
-                rec.update(evaluate(runner.model, val, cfg))
+            if mixture is not None and cfg.mix == "dynamic" and (step + 1) % mix_every == 0:
+                rec["mix_val_loss"] = _measure_sources(runner, vals, cfg)
+                mixture.reweight(rec["mix_val_loss"], cfg.mix_eta, cfg.mix_min_weight, cfg.mix_max_weight)
+            if mixture is not None and ("mix_val_loss" in rec or step == start):
+                rec["mix_weights"] = mixture.weight_dict()  # in force from the next step on
+            if cfg.eval_steps and vals and (step + 1) % cfg.eval_steps == 0:
+                rec.update(evaluate(runner.model, vals, cfg))
             history.append(rec)
             if lead and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 if writer is not None:
                     for k, v in rec.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step + 1)
+                        for name, x in (v.items() if isinstance(v, dict) else [("", v)]):
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}" + (f"/{name}" if name else ""), x, step + 1)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update(1)
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total:
-                _save(out, step + 1, llm, runner, cfg, history)
-        final = _save(out, total, llm, runner, cfg, history) if start < total or latest_checkpoint(out) is None \
+                _save(out, step + 1, llm, runner, cfg, history, mixture)
+        final = _save(out, total, llm, runner, cfg, history, mixture) if start < total or latest_checkpoint(out) is None \
             else latest_checkpoint(out)
     finally:
         if log is not None:
@@ -458,6 +639,8 @@ def train(cfg: TrainConfig) -> dict:
             bar.close()
     summary = {"steps": total, "checkpoint": str(final), "history": history, "rank": runner.rank,
                "world_size": runner.world, "engine": "deepspeed" if use_ds else "pytorch"}
-    if val is not None:
-        summary.update(evaluate(runner.model, val, cfg))
+    if vals:
+        summary.update(evaluate(runner.model, vals, cfg))
+    if mixture is not None:
+        summary["mix_weights"] = mixture.weight_dict()
     return summary
