@@ -6,10 +6,11 @@ shards are `pytorch_model*.bin` (+ index) or `model*.safetensors` (+ index).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -99,6 +100,36 @@ def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield key, sd.pop(key)
 
 
+def lazy_tensors(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """Our key -> a loader of that tensor alone, to read a checkpoint a few tensors at a time.
+
+    Safetensors and zip-format .bin shards are memory-mapped; a legacy .bin shard is read whole."""
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for file in weight_files(path):
+        try:
+            if file.suffix == ".safetensors":
+                handle = safe_open(str(file), framework="pt")
+                keys, get = list(handle.keys()), handle.get_tensor
+            else:
+                try:
+                    sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    sd = torch.load(file, map_location="cpu", weights_only=True)
+                if not isinstance(sd, dict):
+                    raise CheckpointError(f"{file}: expected a state dict, found {type(sd).__name__}")
+                keys, get = list(sd), sd.__getitem__
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file}: unreadable or truncated weight file ({type(e).__name__}: {e})") from None
+        for key in keys:
+            if not key.endswith(_IGNORED_SUFFIXES):
+                out[to_internal_key(key)] = functools.partial(get, key)
+    return out
+
+
 def _first_float_dtype(files: list[Path]) -> torch.dtype:
     f = files[0]
     if f.suffix == ".safetensors":
@@ -146,6 +177,7 @@ def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfi
     with torch.device("meta"), _skip_init():
         model = TeleChat(config)
     model = model.to(dtype=dtype)  # still on meta: shapes only, no memory
+    quant = _quantization(path, model)
     params = model.state_dict(keep_vars=True)
     if config.tie_word_embeddings:
         params.pop("lm_head.weight")
@@ -158,17 +190,24 @@ def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfi
                 continue
             target = params.get(name)
             if target is None:
+                if quant is not None and quant.ignorable(model, name, tensor):
+                    continue
                 unexpected.append(f"{key} ({file.name})")
                 continue
             if tuple(target.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"{file}: shape mismatch for {key}: expected {tuple(target.shape)} "
                                       f"from config.json, found {tuple(tensor.shape)}")
             # The loaded tensor becomes the parameter: peak memory is the model plus one tensor.
-            t = tensor.to(device=device, dtype=dtype)
+            # (Quantized layers' buffers keep their own dtypes: int32 codes, fp16 scales.)
+            t = tensor.to(device=device, dtype=target.dtype)
             if t is tensor and file.suffix != ".safetensors":
                 t = t.clone()  # detach from the memory-mapped .bin shard
-            module, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module), attr, torch.nn.Parameter(t))
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if attr in module._buffers:
+                module._buffers[attr] = t
+            else:
+                setattr(module, attr, torch.nn.Parameter(t))
             seen.add(name)
     missing = [k for k in params if k not in seen]
     if missing or unexpected:
@@ -181,7 +220,25 @@ def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfi
     if config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.word_embeddings.weight
     config.torch_dtype = dtype_name(dtype)
+    if quant is not None:
+        quant.use_kernel(model)
     return model.eval()
+
+
+def _quantization(path: Path, model: TeleChat):
+    """For a GPTQ folder: swap the model's projections for QuantLinear layers (on meta) and return
+    the `telechat.quant` module; None for a float checkpoint."""
+    from . import quant
+
+    try:
+        qcfg = quant.read_quant_config(path)
+        if qcfg is None:
+            return None
+        quant.quantize_modules(model, qcfg)
+    except quant.QuantError as e:
+        raise CheckpointError(str(e)) from None
+    model.config.extra["quantization_config"] = qcfg.to_hf()
+    return quant
 
 
 def _listing(keys: list[str], limit: int = 12) -> str:
@@ -219,4 +276,8 @@ def save_model(model: TeleChat, path: str | Path, max_shard_bytes: int = 2 * 102
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     model.config.torch_dtype = dtype_name(next(iter(sd.values())).dtype)
     model.config.save(path / "config.json")
+    if "quantization_config" in model.config.extra:  # a GPTQ model: AutoGPTQ's own config file too
+        from .quant import QuantConfig, write_quant_config
+
+        write_quant_config(path, QuantConfig.from_dict(model.config.extra["quantization_config"], str(path)))
     return [path / name for name in names]

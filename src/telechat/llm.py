@@ -119,15 +119,21 @@ class LLM:
         return path
 
     def info(self) -> dict:
+        from .quant import QuantConfig, quantized_layers
+
         c = self.config
+        quant = c.extra.get("quantization_config")
+        quantized = sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
+                        for m in quantized_layers(self.model))
         return {
             "path": str(self.path) if self.path else None,
             "layers": c.n_layer, "hidden_size": c.hidden_size, "heads": c.n_head, "kv_heads": c.n_kv_head,
             "head_dim": c.head_dim, "ffn_hidden_size": c.ffn_hidden_size, "vocab_size": c.vocab_size,
             "tied_embeddings": c.tie_word_embeddings, "context": c.seq_length, "training_seqlen": c.training_seqlen,
             "rope_base_seqlen": c.rope_base_seqlen, "rope_theta": c.rope_theta,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": sum(p.numel() for p in self.model.parameters()) + quantized,
             "dtype": dtype_name(self.dtype), "device": str(self.device), "chat_format": self.chat_format,
+            "quantization": QuantConfig.from_dict(quant, "config.json").describe() if quant else None,
             "tokenizer": repr(self.tokenizer) if self.tokenizer else None,
         }
 

@@ -1,0 +1,250 @@
+"""QuantLinear: a GPTQ layer that loads and saves the checkpoint tensors, and the matmuls that run it.
+
+After loading, `prepare` turns the checkpoint tensors into a "rows" layout (codes [N, K] as bytes,
+columns sorted by group so each group is a contiguous run; scales and zero points [N, G]) and
+drops them; `state_dict` rebuilds them exactly. Paths (each checked against `format.dequantize`
+in the tests):
+
+  native    telechat's C kernel (kernels.py) for up to 16 rows on CPU: the decode path.
+  dequant   w = dequantize(codes), then x @ w.T: any shape and device; prefill, and the fallback.
+  int4pack  torch's tinygemm int4 kernels (_weight_int4pack_mm_for_cpu, _weight_int4pack_mm on
+            CUDA), bf16 activations. The default on CUDA.
+  int8pack  torch._weight_int8pack_mm (CPU), once per group, bf16 activations.
+
+The packed paths keep the kernel's own copy of the codes beside the rows layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .format import QUANTIZED_MODULES, QuantConfig, QuantizedWeight, dequantize, pack, unpack
+
+KERNELS = ("auto", "native", "packed", "dequant")
+_INT4_GROUP_SIZES = (32, 64, 128, 256)
+_ROWS = ("qrows", "srows", "zrows", "perm")
+_PACKED = ("_w", "_s", "_zcorr")
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        f, groups = 32 // bits, in_features // group_size
+        self.register_buffer("qweight", torch.zeros(in_features // f, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // f, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.path = "dequant"
+        self.requested = "auto"
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "QuantLinear":
+        """A layer holding the checkpoint tensors of `qw` (on qw's device) and `bias` in `dtype`."""
+        N, K = qw.q.shape
+        layer = cls(K, N, bias is not None, qw.bits, K // qw.scales.shape[0], dtype, device="meta")
+        for name, t in qw.packed().items():
+            layer._buffers[name] = t
+        if bias is not None:
+            layer._buffers["bias"] = bias.detach().to(device=qw.q.device, dtype=dtype).clone()
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, path={self.path}")
+
+    @property
+    def groups(self) -> int:
+        return self.in_features // self.group_size
+
+    @property
+    def in_rows(self) -> bool:
+        return "qrows" in self._buffers
+
+    # ---- layouts ---------------------------------------------------------------------------------
+    def _group_order(self) -> Tensor | None:
+        """The column order that makes each group a contiguous run of group_size columns (empty
+        when the columns already are in that order), or None when the groups allow no such order."""
+        g = self.g_idx.long()
+        order = torch.argsort(g, stable=True)
+        if not torch.equal(g[order], torch.arange(self.in_features, device=g.device) // self.group_size):
+            return None
+        return order[:0] if torch.equal(order, torch.arange(self.in_features, device=g.device)) else order
+
+    def _codes(self) -> Tensor:
+        """Codes [N, K] (int32) in group order, from the rows layout."""
+        q = self.qrows.to(torch.int32)
+        if self.bits == 4:
+            q = torch.stack([q & 15, q >> 4], -1).view(self.out_features, self.in_features)
+        return q
+
+    def _to_rows(self, perm: Tensor) -> None:
+        q = unpack(self.qweight, self.bits, 0)  # [K, N]
+        codes = (q[perm] if perm.numel() else q).t()
+        if self.bits == 4:
+            codes = codes[:, 0::2] | codes[:, 1::2] << 4
+        rows = {"qrows": codes.to(torch.uint8).contiguous(),
+                "srows": self.scales.t().contiguous(),
+                "zrows": (unpack(self.qzeros, self.bits, 1) + 1).t().to(torch.uint8).contiguous(),
+                "perm": perm}
+        for name in ("qweight", "qzeros", "scales"):
+            del self._buffers[name]
+        for name, t in rows.items():
+            self.register_buffer(name, t, persistent=False)
+
+    def _checkpoint_tensors(self) -> dict[str, Tensor]:
+        """qweight, qzeros, scales (and g_idx) as the checkpoint stores them."""
+        if not self.in_rows:
+            return {n: self._buffers[n] for n in ("qweight", "qzeros", "scales", "g_idx")}
+        codes = self._codes()
+        if self.perm.numel():
+            codes = torch.empty_like(codes).index_copy_(1, self.perm, codes)  # back to checkpoint column order
+        return {"qweight": pack(codes.t(), self.bits, 0),
+                "qzeros": pack(self.zrows.t().to(torch.int32) - 1, self.bits, 1),
+                "scales": self.srows.t().contiguous(), "g_idx": self.g_idx}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.in_rows:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, t in self._checkpoint_tensors().items():
+            destination[prefix + name] = t
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight [N, K] in checkpoint column order."""
+        t = self._checkpoint_tensors()
+        return dequantize(t["qweight"], t["qzeros"], t["scales"], self.g_idx, self.bits, dtype)
+
+    def _weight_in_group_order(self, dtype: torch.dtype) -> Tensor:
+        N, G, gs = self.out_features, self.groups, self.group_size
+        w = (self._codes().view(N, G, gs).float() - self.zrows.float()[..., None]) * self.srows.float()[..., None]
+        return w.view(N, self.in_features).to(dtype)
+
+    # ---- choosing a path -------------------------------------------------------------------------
+    def prepare(self, kernel: str = "auto") -> str:
+        """Choose the matmul path for the current device and build what it needs; returns the path."""
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.requested = kernel
+        for name in _PACKED:
+            self._buffers.pop(name, None)
+        self.path = "dequant"
+        if self.g_idx.device.type == "meta":
+            return self.path
+        if not self.in_rows:
+            perm = self._group_order()
+            if perm is None:  # groups that are not runs of group_size columns: only the plain path applies
+                return self.path
+            self._to_rows(perm)
+        device = self.qrows.device
+        if kernel == "packed" or (kernel == "auto" and device.type == "cuda"):
+            self.path = (self._int4pack() if self.bits == 4 else self._int8pack()) or self.path
+        if self.path == "dequant" and kernel in ("auto", "native") and device.type == "cpu" \
+                and kernels.supports(self.bits, self.in_features, self.out_features, self.group_size) \
+                and kernels.available():
+            self.path = "native"
+        return self.path
+
+    def _set(self, name: str, t: Tensor | None) -> None:
+        self.register_buffer(name, t, persistent=False)
+
+    def _int4pack(self) -> str | None:
+        K, N, gs = self.in_features, self.out_features, self.group_size
+        device = self.qrows.device
+        if gs not in _INT4_GROUP_SIZES:
+            return None
+        s = self.srows.t().float()  # [G, N]
+        zero = s * (8 - self.zrows.t().float())  # tinygemm dequantizes (q - 8) * scale + zero
+        if device.type == "cpu" and N % 16 == 0:
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._codes(), 1)
+        elif device.type == "cuda" and N % 8 == 0 and any(K % (t * 16) == 0 for t in (8, 4, 2)):
+            tiles = next(t for t in (8, 4, 2) if K % (t * 16) == 0)
+            q = self._codes()
+            w = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
+        else:
+            return None
+        self._set("_w", w)
+        self._set("_s", torch.stack([s, zero], -1).to(torch.bfloat16).contiguous())  # [G, N, 2]
+        return "int4pack"
+
+    def _int8pack(self) -> str | None:
+        if self.qrows.device.type != "cpu":
+            return None
+        G, gs, N = self.groups, self.group_size, self.out_features
+        q = (self._codes() - 128).to(torch.int8)  # signed around the symmetric zero 128
+        self._set("_w", q.view(N, G, gs).permute(1, 0, 2).contiguous())  # [G, N, gs]: one matrix per group
+        s = self.srows.t().float()
+        self._set("_s", s.to(torch.bfloat16).contiguous())  # the kernel reads scales as contiguous
+        zcorr = (s * (self.zrows.t().float() - 128)).contiguous()  # w = s (q - 128) - s (z - 128)
+        self._set("_zcorr", zcorr if zcorr.any() else None)
+        return "int8pack"
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.path in ("int4pack", "int8pack") and self._w.device != x.device:
+            self.prepare(self.requested)  # moved to another device: rebuild the kernel layout there
+        rows = x.shape[:-1].numel()
+        if self.path == "native" and rows <= kernels.MAX_ROWS and x.device.type == "cpu":
+            y = kernels.qmm(self._in_group_order(x), self.qrows, self.srows, self.zrows, self.bits, self.group_size)
+        elif self.path == "int4pack":
+            y = self._int4_mm(self._in_group_order(x).to(torch.bfloat16).contiguous())
+        elif self.path == "int8pack":
+            y = self._int8_mm(self._in_group_order(x).to(torch.bfloat16))
+        elif self.in_rows:
+            return F.linear(self._in_group_order(x, flat=False), self._weight_in_group_order(x.dtype), self.bias)
+        else:
+            return F.linear(x, self.dequantize(x.dtype), self.bias)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _in_group_order(self, x: Tensor, flat: bool = True) -> Tensor:
+        if flat:
+            x = x.reshape(-1, self.in_features)
+        return x[..., self.perm] if self.perm.numel() else x
+
+    def _int4_mm(self, xb: Tensor) -> Tensor:
+        if xb.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self._w, self.group_size, self._s)
+        return torch.ops.aten._weight_int4pack_mm(xb, self._w, self.group_size, self._s)
+
+    def _int8_mm(self, xb: Tensor) -> Tensor:
+        xg = xb.view(-1, self.groups, self.group_size)
+        y = torch._weight_int8pack_mm(xg[:, 0].contiguous(), self._w[0], self._s[0]).float()
+        for g in range(1, self.groups):
+            y += torch._weight_int8pack_mm(xg[:, g].contiguous(), self._w[g], self._s[g])
+        if self._zcorr is not None:
+            y -= xg.float().sum(-1) @ self._zcorr
+        return y
+
+
+# ---- whole models ------------------------------------------------------------------------------------
+def quantize_modules(model: nn.Module, qcfg: QuantConfig) -> None:
+    """Swap every quantized projection of every block for an empty QuantLinear of the same shape
+    (on the model's device, meta included); everything else stays as it is."""
+    for i, block in enumerate(model.transformer.h):
+        for name in QUANTIZED_MODULES:
+            lin = block.get_submodule(name)
+            qcfg.check_layer(f"transformer.h.{i}.{name}", lin.in_features, lin.out_features)
+            q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, qcfg.bits,
+                            qcfg.group_size_for(lin.in_features), lin.weight.dtype, lin.weight.device)
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent), attr, q)
+
+
+def use_kernel(model: nn.Module, kernel: str = "auto") -> dict[str, int]:
+    """(Re)choose every QuantLinear's path (see the module docstring); returns {path: layers}."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            path = m.prepare(kernel)
+            counts[path] = counts.get(path, 0) + 1
+    return counts
+
+
+def quantized_layers(model: nn.Module) -> list[QuantLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
