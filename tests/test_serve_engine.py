@@ -353,6 +353,10 @@ def test_context_limit_and_cache_cap(engines, ref_model, model):
     submit(eng, edge, sp, r2)
     r1.wait()
     r2.wait()
+    # the final events are sent from inside the step; the cache leaves the model when that step ends
+    deadline = time.monotonic() + 10
+    while model.cache_shape is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert eng.cache_shape == (2, 40) and model.cache_shape is None  # the model is left cache-free
     assert (r1.tokens, r1.final) == (reference(ref_model, prompt, sp, 40)[0], ("done", "length"))
     assert len(r1.tokens) == 10
