@@ -97,7 +97,7 @@ def gptq(weight: Tensor, hessian: Tensor, cfg: QuantConfig, name: str = "layer")
             q = quantize_codes(w, scale, zero, cfg.maxq)
             Q[:, i1 + i] = q
             err = (w - scale * (q - zero)) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # in place, no [N, block] temporary
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the block's errors, applied to every later column at once
 
