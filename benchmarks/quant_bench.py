@@ -111,7 +111,9 @@ def main() -> int:
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--workdir", default=str(telechat_home() / "quant-bench"))
     ap.add_argument("--reuse", action="store_true", help="reuse quantized folders already in --workdir")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for the decode timings")
+    ap.add_argument("--work-threads", type=int, default=1,
+                    help="threads for quantizing and perplexity (on a shared machine, more threads mostly wait)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
@@ -119,7 +121,7 @@ def main() -> int:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.work_threads)
     work = Path(args.workdir)
     gs = args.group_size
     variants = {  # name -> settings
@@ -138,7 +140,8 @@ def main() -> int:
             timings[name] = time.perf_counter() - t
         folders[name] = out
 
-    results: dict = {"threads": args.threads, "group_size": gs, "quantize_seconds": timings, "models": {}}
+    results: dict = {"threads": args.threads, "work_threads": args.work_threads, "group_size": gs,
+                     "quantize_seconds": timings, "models": {}}
     print(f"\nquantization time (s, {args.calib_samples} x {args.calib_seq_len} calibration tokens): "
           + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     fp32 = telechat.load(args.model, dtype="float32")
@@ -163,6 +166,7 @@ def main() -> int:
         print(f"target GPTQ int4 increase <= 70% of RTN int4's: {d4:.3f} vs {r4:.3f} ({100 * d4 / r4:.0f}%) -> "
               f"{'PASS' if d4 <= 0.7 * r4 else 'MISS'}")
 
+    torch.set_num_threads(args.threads)
     speed = {"fp32": fp32, "int8": llms[f"GPTQ int8 g{gs}"], "int4": llms[f"GPTQ int4 g{gs}"]}
     paths = {name: use_kernel(llm.model, "auto") for name, llm in speed.items() if name != "fp32"}
     modes = [False] if args.no_compile else [False, True]

@@ -263,6 +263,20 @@ def test_state_dict_gives_back_the_checkpoint_tensors(bits, sym, act_order):
         assert torch.equal(after[k], before[k]), k
 
 
+def test_dtype_casts_keep_the_fp16_scales():
+    layer, w, b = make_layer(4, False, True)
+    path = layer.prepare("auto")
+    scales = layer.state_dict()["scales"].clone()
+    layer.to(torch.bfloat16)  # bf16 would round the checkpoint's fp16 scales
+    assert layer.bias.dtype == torch.bfloat16 and layer.srows.dtype == torch.float16
+    assert torch.equal(layer.state_dict()["scales"], scales)
+    assert layer.path == path  # kernel state rebuilt for the moved tensors
+    x = torch.randn(2, 128)
+    ref = x @ w.t() + b
+    y = layer(x.bfloat16()).float()
+    assert (y - ref).abs().max() <= 3e-2 * ref.abs().max()
+
+
 def test_group_size_minus_one_is_one_group_per_row():
     qw = rtn(torch.randn(32, 96), QuantConfig(bits=8, group_size=-1, method="rtn"))
     assert qw.scales.shape == (1, 32) and torch.all(qw.g_idx == 0)

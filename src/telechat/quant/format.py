@@ -31,7 +31,6 @@ MODULE_ORDER: tuple[tuple[str, ...], ...] = (
     ("mlp.down_proj",),
 )
 QUANTIZED_MODULES = tuple(name for group in MODULE_ORDER for name in group)
-QUANT_FILES = ("quantize_config.json",)
 
 
 class QuantError(ValueError):

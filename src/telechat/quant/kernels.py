@@ -145,11 +145,11 @@ static void rows(const int16_t *xq, const float *sx, const float *xsum, const ui
 #endif
 }
 
-/* y [M, N] = x [M, K] (fp32) times the dequantized codes q (rows layout); 0 on success, -1 when out
-   of memory. x is rounded to int16 per block of B columns (B: the largest power of two <= 256
+/* y [M, N] = x [M, K] (fp32) times the dequantized codes q (rows layout), plus bias [N] when given;
+   0 on success, -1 when out of memory. x is rounded to int16 per block of B columns (B: the largest power of two <= 256
    dividing gs), which keeps the integer sums exact and far from overflow. */
-int telechat_qmm(const float *x, const uint8_t *q, const uint16_t *s, const uint8_t *z, float *y,
-                 int M, int N, int K, int gs, int bits, int threads) {
+int telechat_qmm(const float *x, const uint8_t *q, const uint16_t *s, const uint8_t *z, const float *bias,
+                 float *y, int M, int N, int K, int gs, int bits, int threads) {
     const int G = K / gs;
     int B = gs & -gs;
     if (B > 256) B = 256;
@@ -183,6 +183,9 @@ int telechat_qmm(const float *x, const uint8_t *q, const uint16_t *s, const uint
         for (int m = 0; m < M; m++)
             rows(xq + (size_t)m * K, sx + (size_t)m * G * nb, xsum + (size_t)m * G, q + (size_t)n * stride, stride,
                  s + (size_t)n * G, z + (size_t)n * G, G, gs, B, bits, K, y + (size_t)m * N + n);
+    if (bias)
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) y[(size_t)m * N + n] += bias[n];
     free(xsum); free(sx); free(xq);
     return 0;
 }
@@ -233,7 +236,7 @@ def _library() -> ctypes.CDLL | None:
     handle = ctypes.CDLL(str(lib))
     fn = handle.telechat_qmm
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
     return handle
 
 
@@ -241,31 +244,56 @@ def available() -> bool:
     return _library() is not None
 
 
-def _qmm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
-    """x [M, K] fp32 (contiguous, group order) -> [M, N] fp32."""
-    M, K = x.shape
-    N = q.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    rc = _library().telechat_qmm(x.data_ptr(), q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(),
-                                 M, N, K, group_size, bits, torch.get_num_threads())
-    if rc:
-        raise MemoryError("telechat_qmm: out of memory")
-    return y
+def _call(qp: int, sp: int, zp: int, bp: int | None, N: int, K: int, bits: int, group_size: int):
+    """The kernel with one layer's pointers and sizes bound; it keeps raw values only, so a cached one is
+    right for whichever tensors have them."""
+    fn = _library().telechat_qmm
+
+    def run(x: Tensor, shape) -> Tensor:  # x: M x K, fp32, contiguous
+        y = torch.empty(shape, dtype=torch.float32)
+        if fn(x.data_ptr(), qp, sp, zp, bp, y.data_ptr(), x.numel() // K, N, K, group_size, bits,
+              torch.get_num_threads()):
+            raise MemoryError("telechat_qmm: out of memory")
+        return y
+
+    return run
+
+
+_cached_call = functools.lru_cache(maxsize=4096)(_call)
+
+
+def runner(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, perm: Tensor | None = None,
+           bias: Tensor | None = None):
+    """x [..., K] -> x @ w.T (+ bias) [..., N] for one layer, bound once: a decode step makes hundreds of
+    these calls, so all that can be is done here (the layer rebinds when its tensors move)."""
+    N, K = q.shape[0], q.shape[1] * 8 // bits
+    fp32_bias = bias is not None and bias.dtype == torch.float32
+    call = _call(q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bias.data_ptr() if fp32_bias else None,
+                 N, K, bits, group_size)
+    add_bias = bias if bias is not None and not fp32_bias else None
+
+    def run(x: Tensor) -> Tensor:
+        shape, dtype = x.shape[:-1] + (N,), x.dtype
+        if perm is not None:
+            x = x.reshape(-1, K)[:, perm]
+        if dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        y = call(x, shape)
+        if dtype != torch.float32:
+            y = y.to(dtype)
+        return y if add_bias is None else y + add_bias
+
+    return run
 
 
 @torch.library.custom_op("telechat::qmm", mutates_args=())
 def qmm_op(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
-    return _qmm(x, q, scales, zeros, bits, group_size)
+    """x [M, K] in group order -> [M, N] fp32: the kernel as an operator torch.compile can place in a graph."""
+    N, K = q.shape[0], q.shape[1] * 8 // bits
+    call = _cached_call(q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None, N, K, bits, group_size)
+    return call(x.float().contiguous(), (x.shape[0], N))
 
 
 @qmm_op.register_fake
 def _(x, q, scales, zeros, bits, group_size):
     return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
-
-
-def qmm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
-    """The kernel; a plain call when eager (the op dispatcher costs more than a small matmul)."""
-    x = x.float().contiguous()
-    if torch.compiler.is_compiling():
-        return qmm_op(x, q, scales, zeros, bits, group_size)
-    return _qmm(x, q, scales, zeros, bits, group_size)

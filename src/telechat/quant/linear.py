@@ -24,7 +24,6 @@ from .format import QUANTIZED_MODULES, QuantConfig, QuantizedWeight, dequantize,
 
 KERNELS = ("auto", "native", "packed", "dequant")
 _INT4_GROUP_SIZES = (32, 64, 128, 256)
-_ROWS = ("qrows", "srows", "zrows", "perm")
 _PACKED = ("_w", "_s", "_zcorr")
 
 
@@ -41,6 +40,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.path = "dequant"
         self.requested = "auto"
+        self._native, self._reorder = None, False
 
     @classmethod
     def from_weight(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -133,7 +133,7 @@ class QuantLinear(nn.Module):
         self.requested = kernel
         for name in _PACKED:
             self._buffers.pop(name, None)
-        self.path = "dequant"
+        self.path, self._native, self._reorder = "dequant", None, False
         if self.g_idx.device.type == "meta":
             return self.path
         if not self.in_rows:
@@ -141,6 +141,7 @@ class QuantLinear(nn.Module):
             if perm is None:  # groups that are not runs of group_size columns: only the plain path applies
                 return self.path
             self._to_rows(perm)
+        self._reorder = bool(self.perm.numel())
         device = self.qrows.device
         if kernel == "packed" or (kernel == "auto" and device.type == "cuda"):
             self.path = (self._int4pack() if self.bits == 4 else self._int8pack()) or self.path
@@ -148,7 +149,22 @@ class QuantLinear(nn.Module):
                 and kernels.supports(self.bits, self.in_features, self.out_features, self.group_size) \
                 and kernels.available():
             self.path = "native"
+            self._native = kernels.runner(self.qrows, self.srows, self.zrows, self.bits, self.group_size,
+                                          self.perm if self._reorder else None, self.bias)
+            self._native_max = kernels.MAX_ROWS * self.in_features
         return self.path
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.half()`...: buffers follow the device, but the fp16 scales keep their
+        dtype (they are the checkpoint's, and bf16 would round them); kernel layouts are rebuilt."""
+        keep = {n: self._buffers.pop(n) for n in ("scales", "srows") if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        if keep:
+            device = fn(torch.empty(0, device=next(iter(keep.values())).device)).device
+            self._buffers.update({n: t.to(device) for n, t in keep.items()})
+        if self.path != "dequant":
+            self.prepare(self.requested)
+        return self
 
     def _set(self, name: str, t: Tensor | None) -> None:
         self.register_buffer(name, t, persistent=False)
@@ -186,11 +202,11 @@ class QuantLinear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if self.path in ("int4pack", "int8pack") and self._w.device != x.device:
-            self.prepare(self.requested)  # moved to another device: rebuild the kernel layout there
-        rows = x.shape[:-1].numel()
-        if self.path == "native" and rows <= kernels.MAX_ROWS and x.device.type == "cpu":
-            y = kernels.qmm(self._in_group_order(x), self.qrows, self.srows, self.zrows, self.bits, self.group_size)
+        if self._native is not None and x.numel() <= self._native_max and x.device.type == "cpu":
+            if not torch.compiler.is_compiling():
+                return self._native(x)  # the bound call, bias included: a decode step makes hundreds
+            y = kernels.qmm_op(self._in_group_order(x), self.qrows, self.srows, self.zrows, self.bits,
+                               self.group_size)
         elif self.path == "int4pack":
             y = self._int4_mm(self._in_group_order(x).to(torch.bfloat16).contiguous())
         elif self.path == "int8pack":
@@ -205,7 +221,7 @@ class QuantLinear(nn.Module):
     def _in_group_order(self, x: Tensor, flat: bool = True) -> Tensor:
         if flat:
             x = x.reshape(-1, self.in_features)
-        return x[..., self.perm] if self.perm.numel() else x
+        return x[..., self.perm] if self._reorder else x
 
     def _int4_mm(self, xb: Tensor) -> Tensor:
         if xb.device.type == "cpu":

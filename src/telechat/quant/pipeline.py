@@ -89,7 +89,7 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def _fill_outside_blocks(out: TeleChat, tensors: dict, dtype: torch.dtype) -> None:
     """Embeddings, final norm and an untied lm_head: copied in `dtype`."""
-    for name, p in out.named_parameters():
+    for name, _ in list(out.named_parameters()):
         if not name.startswith("transformer.h."):
             _assign(out, name, tensors[name]().to(dtype=dtype).clone())
     if out.config.tie_word_embeddings:
