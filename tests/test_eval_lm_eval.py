@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -95,12 +96,20 @@ def test_adapter_matches_plain_computation(model_dir, tmp_path):
     assert 0.0 <= acc <= 1.0 and res["results"]["tc_ppl"]["word_perplexity,none"] > 1
 
 
+def lm_eval_command() -> list[str]:
+    """The bare `lm_eval` console script (found through the installed `telechat-lm-eval.pth` hook)."""
+    exe = shutil.which("lm_eval") or shutil.which("lm-eval")
+    return [exe] if exe else [sys.executable, "-m", "lm_eval"]
+
+
 @pytest.mark.slow
-def test_lm_eval_command_line(model_dir, tmp_path):
+@pytest.mark.parametrize("command", ["lm_eval", "module"])
+def test_lm_eval_command_line(model_dir, tmp_path, command):
     tasks = write_tasks(tmp_path / "tasks")
     out = tmp_path / "out"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "telechat.eval.lm_eval_adapter", "--model", "telechat",
+    argv = lm_eval_command() if command == "lm_eval" else [sys.executable, "-m", "telechat.eval.lm_eval_adapter"]
+    proc = subprocess.run([*argv, "--model", "telechat",
                            "--model_args", f"pretrained={model_dir}", "--tasks", "tc_mc", "--include_path", tasks,
                            "--batch_size", "2", "--output_path", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -109,3 +118,15 @@ def test_lm_eval_command_line(model_dir, tmp_path):
     assert results, proc.stdout[-2000:]
     data = json.loads(results[0].read_text())
     assert "acc,none" in data["results"]["tc_mc"] and data["config"]["model"] == "telechat"
+
+
+def test_startup_hook_is_installed_and_light():
+    """Every interpreter runs the hook; it must load neither torch nor lm-eval until lm-eval asks."""
+    code = ("import sys; print('_telechat_lm_eval_hook' in sys.modules, 'torch' in sys.modules, "
+            "'lm_eval' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "False"], "telechat-lm-eval.pth is not installed (reinstall the package)"
+    code = ("from lm_eval.api.registry import get_model; cls = get_model('telechat'); "
+            "print(cls.__module__, cls.__name__, get_model('hf').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["telechat.eval.lm_eval_adapter", "TeleChatLM", "HFLM"]

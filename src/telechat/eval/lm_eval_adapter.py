@@ -1,6 +1,8 @@
 """lm-evaluation-harness model "telechat" (needs `pip install lm-eval`).
 
-lm-eval has no plugin discovery for models, so the class registers when this module is imported:
+Installed with the package, `lm_eval --model telechat --model_args pretrained=PATH --tasks ...` finds
+this class through `_telechat_lm_eval_hook` (lm-eval has no plugin discovery for models). Without the
+hook, importing this module registers the class:
 
     import telechat.eval.lm_eval_adapter  # noqa: F401
     lm_eval.simple_evaluate(model="telechat", model_args="pretrained=PATH", tasks=[...])
