@@ -1,0 +1,104 @@
+"""Peak memory of `telechat quantize`: it should hold about one block, not the model.
+
+Saves random bf16 models of one width (default: TeleChat-1B's hidden 2048, FFN 5632 so that group
+size 128 divides it) with a growing number of layers, quantizes each with GPTQ int4 g128 in a fresh
+process, and prints the checkpoint size, the model's size in fp32 (what the block-wise pipeline
+computes in) and the quantizing process's peak RSS. If the pipeline held the model, the peak would
+grow with the layers; block by block it stays flat. (The claim for users: a 7B model quantizes on a
+machine that cannot hold it twice.)
+
+    python benchmarks/quant_memory.py [--layers 4,16] [--hidden 2048] [--ffn 5632]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHARED = Path(os.environ.get("TELECHAT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+_MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+
+
+def calib_file(work: Path) -> Path:
+    found = sorted((SHARED / "data" / "eval" / "wikitext2").rglob("wikitext-validation.arrow"))
+    if found:
+        return found[0]
+    # no shared data: varied text from the tokenizer's own vocabulary is enough to drive GPTQ
+    import telechat
+
+    tok = telechat.load("default").tokenizer
+    g = torch.Generator().manual_seed(0)
+    lines = [tok.decode(torch.randint(100, 20000, (400,), generator=g).tolist()) for _ in range(64)]
+    path = work / "calib.txt"
+    path.write_text("\n\n".join(lines), encoding="utf-8")
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default="4,16")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    args = ap.parse_args()
+
+    import telechat
+
+    tok = telechat.load("default").tokenizer
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="quant-memory-") as tmp:
+        work = Path(tmp)
+        calib = calib_file(work)
+        for n_layer in (int(x) for x in args.layers.split(",")):
+            src, out = work / f"model-{n_layer}", work / f"int4-{n_layer}"
+            llm = telechat.from_preset("1B", tokenizer=tok, vocab_size=len(tok), hidden_size=args.hidden,
+                                       n_head=args.heads, ffn_hidden_size=args.ffn, n_layer=n_layer,
+                                       dtype=torch.bfloat16)
+            params = sum(p.numel() for p in llm.model.parameters())
+            llm.save(src)
+            del llm
+            ckpt = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+            cmd = [sys.executable, "-c", _MEASURE, sys.executable, "-m", "telechat.cli", "quantize", "--model", str(src),
+                   "--bits", "4", "--group-size", "128", "--method", args.method, "--calib", str(calib),
+                   "--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
+                   "--output", str(out)]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            seconds = time.perf_counter() - t
+            if proc.returncode:
+                sys.exit(f"quantize failed for {n_layer} layers:\n{proc.stderr[-3000:]}")
+            peak = int(proc.stdout.split("PEAK_KB")[-1].split()[0]) * 1024
+            qsize = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+            rows.append((n_layer, params, ckpt, 4 * params, peak, qsize, seconds))
+            for d in (src, out):
+                for f in d.iterdir():
+                    f.unlink()
+                d.rmdir()
+
+    gib = 2 ** 30
+    print(f"GPTQ int4 g128 ({args.method}), hidden {args.hidden}, FFN {args.ffn}, vocab {len(tok)}, "
+          f"{args.calib_samples} x {args.calib_seq_len} calibration tokens, {torch.get_num_threads()} threads")
+    print("| layers | params | bf16 checkpoint | fp32 model | peak RSS quantizing | int4 checkpoint | time |")
+    print("|---|---|---|---|---|---|---|")
+    for n_layer, params, ckpt, fp32, peak, qsize, seconds in rows:
+        print(f"| {n_layer} | {params / 1e6:.0f}M | {ckpt / gib:.2f} GiB | {fp32 / gib:.2f} GiB | {peak / gib:.2f} GiB | "
+              f"{qsize / gib:.2f} GiB | {seconds:.0f} s |")
+    (l0, *_, p0, _, _), (l1, *_, p1, _, _) = rows[0], rows[-1]
+    print(f"peak RSS grows {(p1 - p0) / gib:.2f} GiB from {l0} to {l1} layers "
+          f"(the extra layers are {(rows[-1][3] - rows[0][3]) / gib:.2f} GiB in fp32)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
