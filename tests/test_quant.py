@@ -240,6 +240,53 @@ def test_kernel_matches_dequantized_reference(bits, sym, act_order, kernel):
     assert layer(torch.randn(2, 5, 128)).shape == (2, 5, 64)
 
 
+def _build_kernel(tmp_path, flags):
+    import ctypes
+    import subprocess
+
+    src, lib = tmp_path / "qmm.c", tmp_path / f"qmm{len(flags)}.so"
+    src.write_text(kernels._SOURCE)
+    subprocess.run([kernels._compiler(), *flags, str(src), "-o", str(lib), "-lm"], check=True, capture_output=True)
+    fn = ctypes.CDLL(str(lib)).telechat_qmm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+    return fn
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (4, 96), (8, 64), (8, 32)])
+def test_native_kernel_portable_c_matches_simd(tmp_path, bits, group_size):
+    """The plain-C build (CPUs without AVX2) computes the same sums as the SIMD build, on every group
+    layout (4-bit groups of 32 x odd span the 64-column chunks)."""
+    if not kernels.available():
+        pytest.skip("no C compiler for the native kernel")
+    plain = [f for f in kernels._FLAGS if not f.startswith("-march")] + ["-march=x86-64"]
+    try:
+        portable = _build_kernel(tmp_path, plain)
+    except Exception as e:  # not an x86 compiler
+        pytest.skip(f"cannot build for x86-64: {e}")
+    native = _build_kernel(tmp_path, kernels._FLAGS)
+    g = torch.Generator().manual_seed(0)
+    N, K, M = 8, 192, 3
+    q = torch.randint(0, 256, (N, K * bits // 8), dtype=torch.uint8, generator=g)
+    s = (torch.rand(N, K // group_size, generator=g) * 0.01).half()
+    z = torch.randint(0, 2 ** bits, (N, K // group_size), dtype=torch.uint8, generator=g)
+    x, bias = torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+    ys = []
+    for fn in (portable, native):
+        y = torch.empty(M, N)
+        assert fn(x.data_ptr(), q.data_ptr(), s.data_ptr(), z.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                  M, N, K, group_size, bits, 1) == 0
+        ys.append(y)
+    assert torch.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * float(ys[1].abs().max()))
+    # and both are the dequantized weights times x, to the int16 rounding of x
+    codes = q.view(N, -1)
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], -1).reshape(N, K)
+    w = (codes.float() - z.float().repeat_interleave(group_size, 1)) * s.float().repeat_interleave(group_size, 1)
+    ref = x @ w.t() + bias
+    assert (ys[1] - ref).abs().max() <= 2e-4 * ref.abs().max()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits,sym,act_order", [(4, True, False), (4, False, True)])
 def test_cuda_int4_kernel_matches_reference(bits, sym, act_order):
