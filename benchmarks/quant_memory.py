@@ -3,9 +3,10 @@
 Saves random bf16 models of one width (default: TeleChat-1B's hidden 2048, FFN 5632 so that group
 size 128 divides it) with a growing number of layers, quantizes each with GPTQ int4 g128 in a fresh
 process, and prints the checkpoint size, the model's size in fp32 (what the block-wise pipeline
-computes in) and the quantizing process's peak RSS. If the pipeline held the model, the peak would
-grow with the layers; block by block it stays flat. (The claim for users: a 7B model quantizes on a
-machine that cannot hold it twice.)
+computes in) and the quantizing process's peak RSS. If the pipeline held the model in fp32, the peak
+would grow by the extra layers' fp32 size. Note that peak RSS also counts the checkpoint pages read
+through safetensors' memory map: they are file-backed and reclaimable, but they make the peak grow
+by up to the extra layers' bf16 size even when only one block is held.
 
     python benchmarks/quant_memory.py [--layers 4,16] [--hidden 2048] [--ffn 5632]
 """
