@@ -134,6 +134,31 @@ def _top_ngram_chars(seq: str, n: int) -> int:
     return len(gram) * count
 
 
+def _length_reason(c: dict, n: int, lang: str) -> str | None:
+    if c["min_chars"] and n < c["min_chars"]:
+        return f"{lang}_too_short ({n} < {c['min_chars']} chars)"
+    if c["max_chars"] and n > c["max_chars"]:
+        return f"{lang}_too_long ({n} > {c['max_chars']} chars)"
+    return None
+
+
+def _shape_reason(c: dict, text: str, visible: int, lang: str) -> str | None:
+    """Mean line length, symbol and digit fractions (of the non-space characters)."""
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    mean = sum(map(len, lines)) / max(1, len(lines))
+    if c["min_mean_line_chars"] and mean < c["min_mean_line_chars"]:
+        return f"{lang}_short_lines (mean {mean:.1f} chars)"
+    if c["max_mean_line_chars"] and mean > c["max_mean_line_chars"]:
+        return f"{lang}_long_lines (mean {mean:.0f} chars)"
+    sym = len(SYMBOL_RE.findall(text)) / visible
+    if c["max_symbol_fraction"] is not None and sym > c["max_symbol_fraction"]:
+        return f"{lang}_symbols ({sym:.2f})"
+    dig = len(DIGIT_RE.findall(text)) / visible
+    if c["max_digit_fraction"] is not None and dig > c["max_digit_fraction"]:
+        return f"{lang}_digits ({dig:.2f})"
+    return None
+
+
 class ChineseRules(BaseFilter):
     """Rules for Chinese documents. Gopher's repetition statistics on characters (not words: Chinese
     has no spaces, and a word tokenizer's errors would count as repetition)."""
@@ -147,26 +172,14 @@ class ChineseRules(BaseFilter):
     def filter(self, doc):
         c, text = self.c, doc.text
         n = len(text)
-        if c["min_chars"] and n < c["min_chars"]:
-            return False, f"zh_too_short ({n} < {c['min_chars']} chars)"
-        if c["max_chars"] and n > c["max_chars"]:
-            return False, f"zh_too_long ({n} > {c['max_chars']} chars)"
+        if reason := _length_reason(c, n, "zh"):
+            return False, reason
         visible = n - len(SPACE_RE.findall(text)) or 1
         han = len(HAN_RE.findall(text))
         if c["min_han_fraction"] and han / visible < c["min_han_fraction"]:
             return False, f"zh_low_han_fraction ({han / visible:.2f})"
-        lines = [ln for ln in text.split("\n") if ln.strip()]
-        mean = sum(map(len, lines)) / max(1, len(lines))
-        if c["min_mean_line_chars"] and mean < c["min_mean_line_chars"]:
-            return False, f"zh_short_lines (mean {mean:.1f} chars)"
-        if c["max_mean_line_chars"] and mean > c["max_mean_line_chars"]:
-            return False, f"zh_long_lines (mean {mean:.0f} chars)"
-        sym = len(SYMBOL_RE.findall(text)) / visible
-        if c["max_symbol_fraction"] is not None and sym > c["max_symbol_fraction"]:
-            return False, f"zh_symbols ({sym:.2f})"
-        dig = len(DIGIT_RE.findall(text)) / visible
-        if c["max_digit_fraction"] is not None and dig > c["max_digit_fraction"]:
-            return False, f"zh_digits ({dig:.2f})"
+        if reason := _shape_reason(c, text, visible, "zh"):
+            return False, reason
         paras = _PARA_RE.split(text.strip())
         dup, dup_chars = find_duplicates(paras)
         if c["max_dup_para_fraction"] is not None and dup / len(paras) > c["max_dup_para_fraction"]:
@@ -211,23 +224,11 @@ class EnglishRules(BaseFilter):
     def filter(self, doc):
         c, text = self.c, doc.text
         n = len(text)
-        if c["min_chars"] and n < c["min_chars"]:
-            return False, f"en_too_short ({n} < {c['min_chars']} chars)"
-        if c["max_chars"] and n > c["max_chars"]:
-            return False, f"en_too_long ({n} chars)"
-        lines = [ln for ln in text.split("\n") if ln.strip()]
-        mean = sum(map(len, lines)) / max(1, len(lines))
-        if c["min_mean_line_chars"] and mean < c["min_mean_line_chars"]:
-            return False, f"en_short_lines (mean {mean:.1f} chars)"
-        if c["max_mean_line_chars"] and mean > c["max_mean_line_chars"]:
-            return False, f"en_long_lines (mean {mean:.0f} chars)"
+        if reason := _length_reason(c, n, "en"):
+            return False, reason
         visible = n - len(SPACE_RE.findall(text)) or 1
-        sym = len(SYMBOL_RE.findall(text)) / visible
-        if c["max_symbol_fraction"] is not None and sym > c["max_symbol_fraction"]:
-            return False, f"en_symbols ({sym:.2f})"
-        dig = len(DIGIT_RE.findall(text)) / visible
-        if c["max_digit_fraction"] is not None and dig > c["max_digit_fraction"]:
-            return False, f"en_digits ({dig:.2f})"
+        if reason := _shape_reason(c, text, visible, "en"):
+            return False, reason
         letters = len(LETTER_RE.findall(text))
         if letters and c["max_uppercase_fraction"] is not None:
             up = len(UPPER_RE.findall(text)) / letters
