@@ -159,15 +159,19 @@ def _shape_reason(c: dict, text: str, visible: int, lang: str) -> str | None:
     return None
 
 
-class ChineseRules(BaseFilter):
-    """Rules for Chinese documents. Gopher's repetition statistics on characters (not words: Chinese
-    has no spaces, and a word tokenizer's errors would count as repetition)."""
-
-    name = "🀄 rules zh"
+class _LanguageRules(BaseFilter):
+    """A rule set configured by its `clean.yaml` section (every key but `enabled`)."""
 
     def __init__(self, cfg: dict):
         super().__init__()
         self.c = {k: v for k, v in cfg.items() if k != "enabled"}
+
+
+class ChineseRules(_LanguageRules):
+    """Rules for Chinese documents. Gopher's repetition statistics on characters (not words: Chinese
+    has no spaces, and a word tokenizer's errors would count as repetition)."""
+
+    name = "🀄 rules zh"
 
     def filter(self, doc):
         c, text = self.c, doc.text
@@ -211,15 +215,11 @@ class ChineseRules(BaseFilter):
         return True
 
 
-class EnglishRules(BaseFilter):
+class EnglishRules(_LanguageRules):
     """Length, line, symbol, digit and upper-case rules for English (word statistics are left to
     datatrove's Gopher filters after this one)."""
 
     name = "🔤 rules en"
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.c = {k: v for k, v in cfg.items() if k != "enabled"}
 
     def filter(self, doc):
         c, text = self.c, doc.text
