@@ -240,16 +240,17 @@ def test_kernel_matches_dequantized_reference(bits, sym, act_order, kernel):
     assert layer(torch.randn(2, 5, 128)).shape == (2, 5, 64)
 
 
-def _build_kernel(tmp_path, flags):
+def _build_kernel(tmp_path, flags, name="telechat_qmm"):
     import ctypes
     import subprocess
 
     src, lib = tmp_path / "qmm.c", tmp_path / f"qmm{len(flags)}.so"
     src.write_text(kernels._SOURCE)
     subprocess.run([kernels._compiler(), *flags, str(src), "-o", str(lib), "-lm"], check=True, capture_output=True)
-    fn = ctypes.CDLL(str(lib)).telechat_qmm
+    fn = getattr(ctypes.CDLL(str(lib)), name)
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+    pointers, ints = {"telechat_qmm": (6, 6), "telechat_hmm": (4, 5)}[name]
+    fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints
     return fn
 
 
@@ -285,6 +286,64 @@ def test_native_kernel_portable_c_matches_simd(tmp_path, bits, group_size):
     w = (codes.float() - z.float().repeat_interleave(group_size, 1)) * s.float().repeat_interleave(group_size, 1)
     ref = x @ w.t() + bias
     assert (ys[1] - ref).abs().max() <= 2e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_half_linear_matches_reference(dtype, bias):
+    """fp32 activations times a 16-bit weight kept 16-bit: the fp32 product of the exact weight values,
+    for decode rows (native kernel, every core) and prefill rows (upcast), odd widths included."""
+    g = torch.Generator().manual_seed(0)
+    N, K = 37, 100  # neither a multiple of the kernel's 4 rows nor of its 8 columns
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g) if bias else None
+    for shape in ((1, K), (1, 1, K), (3, 5, K), (40, K)):
+        x = torch.randn(*shape, generator=g)
+        ref = x.double() @ w.double().t() + (0 if b is None else b.double())
+        y = kernels.half_linear(x, w, b)
+        assert y.dtype == torch.float32 and y.shape == ref.shape
+        assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), shape
+
+
+def test_half_kernel_portable_c_matches_simd(tmp_path):
+    if not kernels.available():
+        pytest.skip("no C compiler for the native kernel")
+    plain = [f for f in kernels._FLAGS if not f.startswith("-march")] + ["-march=x86-64"]
+    try:
+        portable = _build_kernel(tmp_path, plain, "telechat_hmm")
+    except Exception as e:  # not an x86 compiler
+        pytest.skip(f"cannot build for x86-64: {e}")
+    native = _build_kernel(tmp_path, kernels._FLAGS, "telechat_hmm")
+    g = torch.Generator().manual_seed(0)
+    N, K, M = 13, 70, 3
+    x, bias = torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+    for bf16, dtype in ((0, torch.float16), (1, torch.bfloat16)):
+        w = torch.randn(N, K, generator=g).to(dtype)
+        ref = x.double() @ w.double().t() + bias.double()
+        for fn in (portable, native):
+            y = torch.empty(M, N)
+            assert fn(x.data_ptr(), w.data_ptr(), bias.data_ptr(), y.data_ptr(), M, N, K, bf16, 1) == 0
+            assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (dtype, fn)
+
+
+def test_quantized_model_keeps_its_16bit_embedding_under_fp32(float_dir, calib_file, tmp_path):
+    """A GPTQ folder stores its embedding and lm_head in fp16; run in fp32 on CPU they stay fp16, and the
+    logits are those of the model with them upcast."""
+    out = tmp_path / "q16"
+    quantize(float_dir, out, QuantConfig(bits=4, group_size=32), calib=calib_file, calib_samples=8,
+             calib_seq_len=32, progress=False)  # the default: floating tensors in fp16, as AutoGPTQ writes them
+    q = telechat.load(out, dtype="float32")
+    assert q.model.transformer.word_embeddings.weight.dtype == q.model.lm_head.weight.dtype == torch.float16
+    assert q.dtype == q.model.dtype == q.model.transformer.ln_f.weight.dtype == torch.float32
+    up = telechat.load(out, dtype="float32")
+    up.model.transformer.word_embeddings.float(), up.model.lm_head.float()
+    ids = torch.randint(0, 400, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(q.model(ids), up.model(ids), rtol=1e-5, atol=1e-5)
+    a = q.generate(ids[:1, :6], max_new_tokens=8, repetition_penalty=1.0, eos_token_id=-1)
+    assert a.tolist() == up.generate(ids[:1, :6], max_new_tokens=8, repetition_penalty=1.0, eos_token_id=-1).tolist()
+    assert q.model.transformer.h[0].self_attention.cache.k.dtype == torch.float32
+    assert telechat.load(out).model.transformer.ln_f.weight.dtype == torch.float16  # no dtype: the checkpoint's
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

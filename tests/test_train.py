@@ -123,11 +123,15 @@ def test_deepspeed_two_processes(sft_dir, tmp_path, zero):
     pytest.importorskip("deepspeed")
     out = tmp_path / f"z{zero}"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    shm = Path("/dev/shm")
+    buffers = lambda: set(shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")) if shm.is_dir() else set()  # noqa: E731
+    before = buffers()
     r = subprocess.run([sys.executable, "-m", "telechat.cli", "train", "--stage", "sft", "--data", str(sft_dir),
                         "--preset", "tiny", "--max-steps", "8", "--learning-rate", "3e-3", "--per-device-batch-size", "2",
                         "--nproc", "2", "--zero-stage", str(zero), "--save-steps", "4", "--no-progress",
                         "--output", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert buffers() <= before  # the CPU all-reduce buffers do not outlive the run
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in logged] == list(range(1, 9))  # one writer: rank 0
     assert np.mean([x["loss"] for x in logged[-3:]]) < np.mean([x["loss"] for x in logged[:2]])

@@ -178,6 +178,10 @@ def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfi
         model = TeleChat(config)
     model = model.to(dtype=dtype)  # still on meta: shapes only, no memory
     quant = _quantization(path, model)
+    # A quantized model run in fp32 on CPU keeps its embedding and lm_head at the checkpoint's 16 bits:
+    # half the memory, and the lm_head's decode matmul reads half the bytes (exact: fp32 holds them).
+    keep_16bit = {"transformer.word_embeddings.weight", "lm_head.weight"} \
+        if quant is not None and dtype == torch.float32 and torch.device(device).type == "cpu" else set()
     params = model.state_dict(keep_vars=True)
     if config.tie_word_embeddings:
         params.pop("lm_head.weight")
@@ -199,7 +203,8 @@ def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfi
                                       f"from config.json, found {tuple(tensor.shape)}")
             # The loaded tensor becomes the parameter: peak memory is the model plus one tensor.
             # (Quantized layers' buffers keep their own dtypes: int32 codes, fp16 scales.)
-            t = tensor.to(device=device, dtype=target.dtype)
+            keep = name in keep_16bit and tensor.dtype in (torch.float16, torch.bfloat16)
+            t = tensor.to(device=device, dtype=tensor.dtype if keep else target.dtype)
             if t is tensor and file.suffix != ".safetensors":
                 t = t.clone()  # detach from the memory-mapped .bin shard
             module_name, _, attr = name.rpartition(".")

@@ -91,7 +91,7 @@ def to_hf_llama(model: TeleChat):
     """A transformers LlamaForCausalLM carrying a copy of `model`'s weights."""
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM(llama_config(model.config)).to(model.lm_head.weight.dtype)
+    hf = LlamaForCausalLM(llama_config(model.config)).to(model.dtype)
     hf.load_state_dict(llama_state_dict(model), strict=True)
     return hf.eval()
 

@@ -53,7 +53,7 @@ class LLM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        return self.model.dtype
 
     @property
     def chat_format(self) -> str:

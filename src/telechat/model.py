@@ -14,20 +14,30 @@ from torch import Tensor, nn
 from .config import TeleChatConfig
 
 
+def _upcast_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 class Linear(nn.Linear):
+    # x times a weight of another dtype: a quantized model's lm_head kept 16-bit under fp32 compute.
+    # telechat.quant.kernels installs its native decode kernel here (this file imports nothing of ours).
+    mixed_dtype_linear = staticmethod(_upcast_linear)
+
     def forward(self, x: Tensor) -> Tensor:
         rows = x.shape[:-1].numel()
+        if self.weight.dtype != x.dtype and not torch.compiler.is_compiling():
+            return Linear.mixed_dtype_linear(x, self.weight, self.bias)
         if x.device.type == "cpu" and torch.compiler.is_compiling() and rows == 1:
             # One-row decode: inductor turns this multiply-reduce into a GEMV that streams the weight
             # on every core (the BLAS matrix-vector path runs on one), ~2x faster on CPU.
-            y = (x.reshape(1, -1) * self.weight).sum(-1).view(*x.shape[:-1], -1)
+            y = (x.reshape(1, -1) * self.weight.to(x.dtype)).sum(-1).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if x.device.type == "cpu" and 1 < rows <= 16 and not torch.compiler.is_compiling():
             # A few rows (batched decode): W @ x^T takes BLAS's skinny-matrix path, 1.5-3x faster
             # on CPU than x @ W^T, whose small-M GEMM path is slow.
             y = torch.mm(self.weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
-        return super().forward(x)
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -203,7 +213,7 @@ class Transformer(nn.Module):
             cos, sin = rope_cos_sin(self.config, input_pos, kv_len)
         if input_pos.dim() == 2 and cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        h = self.word_embeddings(input_ids)
+        h = self.word_embeddings(input_ids).to(self.ln_f.weight.dtype)  # the embedding may be 16-bit
         if self.config.embed_layernorm:
             h = self.word_embeddings_layernorm(h)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
@@ -229,12 +239,16 @@ class TeleChat(nn.Module):
             self.lm_head.weight = self.transformer.word_embeddings.weight
         self.generation_config: dict = {}  # filled by the loader; used by `chat`
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (that of the norms: a quantized model may keep its embedding 16-bit)."""
+        return self.transformer.ln_f.weight.dtype
+
     # ---- KV cache ----------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
-        p = self.lm_head.weight
         for block in self.transformer.h:
-            block.self_attention.cache = KVCache(batch_size, self.config.n_kv_head, max_len,
-                                                 self.config.head_dim, dtype or p.dtype, device or p.device)
+            block.self_attention.cache = KVCache(batch_size, self.config.n_kv_head, max_len, self.config.head_dim,
+                                                 dtype or self.dtype, device or self.lm_head.weight.device)
 
     def clear_cache(self) -> None:
         for block in self.transformer.h:

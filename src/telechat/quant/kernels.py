@@ -28,7 +28,10 @@ import tempfile
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from ..model import Linear
 
 _SOURCE = r"""
 #include <math.h>
@@ -69,81 +72,97 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-/* Integer dot product of B codes with B int16 activations (4-bit: bytes hold columns 2j, 2j+1;
-   xe/xo are the even/odd activations), for R rows `stride` bytes apart; sums land in acc[R]. */
 #ifdef TELECHAT_AVX2
-static void dot4(const int16_t *xe, const int16_t *xo, const uint8_t *q, size_t stride, int hb, __m256i *acc) {
-    const __m128i m4 = _mm_set1_epi8(15);
-    for (int j = 0; j < hb; j += 16) {
-        __m256i e = _mm256_loadu_si256((const __m256i *)(xe + j)), o = _mm256_loadu_si256((const __m256i *)(xo + j));
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(q + (r + R) * stride + j), _MM_HINT_T0);  /* the next rows' bytes */
-            __m128i v = _mm_loadu_si128((const __m128i *)(q + r * stride + j));
-            __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_cvtepu8_epi16(lo), e));
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), o));
-        }
-    }
-}
-static void dot8(const int16_t *x, const uint8_t *q, size_t stride, int n, __m256i *acc) {
-    for (int j = 0; j < n; j += 16) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + j));
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(q + (r + R) * stride + j), _MM_HINT_T0);
-            __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + r * stride + j)));
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(v, xv));
-        }
-    }
-}
+#ifndef AHEAD
+#define AHEAD 1024
 #endif
+/* acc += the 8-lane int32 dot products of 16 codes (bytes at p) with 16 int16 activations; 4-bit:
+   each byte holds columns 2j (low nibble) and 2j+1, e/o are the even/odd activations. */
+static inline __m256i dot4(__m256i acc, const uint8_t *p, __m256i e, __m256i o) {
+    _mm_prefetch((const char *)(p + AHEAD), _MM_HINT_T0);
+    const __m128i m4 = _mm_set1_epi8(15), v = _mm_loadu_si128((const __m128i *)p);
+    const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, m4));
+    const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m4));
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, e), _mm256_madd_epi16(hi, o)));
+}
+static inline __m256i dot8(__m256i acc, const uint8_t *p, __m256i x) {
+    _mm_prefetch((const char *)(p + AHEAD), _MM_HINT_T0);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), x));
+}
+/* Four rows' 8-lane sums reduced to one sum per row. */
+static inline __m128i reduce4(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
 
-/* R output rows n..n+R-1 for one row of x: sum over groups g of
-   s[g] * (sum over blocks b of g of sx[b] * (xq_b . q_b) - z[g] * xsum[g]). */
+/* R = 4 output rows n..n+3 for one row of x: sum over groups g of
+   s[g] * (sum over blocks b of g of sx[b] * (xq_b . q_b) - z[g] * xsum[g]).
+   The four rows travel together as the lanes of one vector: a block ends in a few vector operations. */
 static void rows(const int16_t *xq, const float *sx, const float *xsum, const uint8_t *q, size_t stride,
                  const uint16_t *s, const uint8_t *z, int G, int gs, int B, int bits, int K, float *y) {
     const int nb = gs / B;
-    float zterm[R] = {0};
-#ifdef TELECHAT_AVX2
-    __m256 total[R];
-    for (int r = 0; r < R; r++) total[r] = _mm256_setzero_ps();
-#else
-    float total[R] = {0};
-#endif
+    const uint8_t *q0 = q, *q1 = q + stride, *q2 = q + 2 * stride, *q3 = q + 3 * stride;
+    __m128 total = _mm_setzero_ps(), zterm = _mm_setzero_ps();
     for (int g = 0; g < G; g++) {
-        float sw[R];
-        for (int r = 0; r < R; r++) {
-            sw[r] = half_to_float(s[(size_t)r * G + g]);
-            zterm[r] += sw[r] * (float)z[(size_t)r * G + g] * xsum[g];
-        }
+        const __m128 sw = _mm_cvtph_ps(_mm_setr_epi16((short)s[g], (short)s[G + g], (short)s[2 * G + g],
+                                                      (short)s[3 * G + g], 0, 0, 0, 0));
+        const __m128 zw = _mm_cvtepi32_ps(_mm_setr_epi32(z[g], z[G + g], z[2 * G + g], z[3 * G + g]));
+        zterm = _mm_fmadd_ps(_mm_mul_ps(sw, zw), _mm_set1_ps(xsum[g]), zterm);
         for (int b = 0; b < nb; b++) {
             const size_t col = (size_t)g * gs + (size_t)b * B;  /* first column of the block */
-#ifdef TELECHAT_AVX2
-            __m256i acc[R];
-            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
-            if (bits == 4) dot4(xq + col / 2, xq + K / 2 + col / 2, q + col / 2, stride, B / 2, acc);
-            else dot8(xq + col, q + col, stride, B, acc);
-            for (int r = 0; r < R; r++)
-                total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(sx[g * nb + b] * sw[r]), total[r]);
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            if (bits == 4) {
+                const int16_t *xe = xq + col / 2, *xo = xq + K / 2 + col / 2;
+                const size_t c = col / 2;
+                for (int j = 0; j < B / 2; j += 16) {
+                    const __m256i e = _mm256_loadu_si256((const __m256i *)(xe + j));
+                    const __m256i o = _mm256_loadu_si256((const __m256i *)(xo + j));
+                    a0 = dot4(a0, q0 + c + j, e, o);
+                    a1 = dot4(a1, q1 + c + j, e, o);
+                    a2 = dot4(a2, q2 + c + j, e, o);
+                    a3 = dot4(a3, q3 + c + j, e, o);
+                }
+            } else {
+                for (int j = 0; j < B; j += 16) {
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + col + j));
+                    a0 = dot8(a0, q0 + col + j, x);
+                    a1 = dot8(a1, q1 + col + j, x);
+                    a2 = dot8(a2, q2 + col + j, x);
+                    a3 = dot8(a3, q3 + col + j, x);
+                }
+            }
+            total = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(a0, a1, a2, a3)), _mm_mul_ps(sw, _mm_set1_ps(sx[g * nb + b])),
+                                 total);
+        }
+    }
+    _mm_storeu_ps(y, _mm_sub_ps(total, zterm));
+}
 #else
-            for (int r = 0; r < R; r++) {
-                const uint8_t *qr = q + r * stride;
+/* Portable C: the same sums, one row at a time. */
+static void rows(const int16_t *xq, const float *sx, const float *xsum, const uint8_t *q, size_t stride,
+                 const uint16_t *s, const uint8_t *z, int G, int gs, int B, int bits, int K, float *y) {
+    const int nb = gs / B;
+    for (int r = 0; r < R; r++) {
+        const uint8_t *qr = q + r * stride;
+        float total = 0.f, zterm = 0.f;
+        for (int g = 0; g < G; g++) {
+            const float sw = half_to_float(s[(size_t)r * G + g]);
+            zterm += sw * (float)z[(size_t)r * G + g] * xsum[g];
+            for (int b = 0; b < nb; b++) {
+                const size_t col = (size_t)g * gs + (size_t)b * B;
                 int32_t acc = 0;
                 if (bits == 4)
                     for (size_t j = col / 2; j < (col + B) / 2; j++)
                         acc += (qr[j] & 15) * (int32_t)xq[j] + (qr[j] >> 4) * (int32_t)xq[K / 2 + j];
                 else
                     for (size_t j = col; j < col + B; j++) acc += qr[j] * (int32_t)xq[j];
-                total[r] += (float)acc * sx[g * nb + b] * sw[r];
+                total += (float)acc * sx[g * nb + b] * sw;
             }
-#endif
         }
+        y[r] = total - zterm;
     }
-#ifdef TELECHAT_AVX2
-    for (int r = 0; r < R; r++) y[r] = hsum(total[r]) - zterm[r];
-#else
-    for (int r = 0; r < R; r++) y[r] = total[r] - zterm[r];
-#endif
 }
+#endif
 
 /* y [M, N] = x [M, K] (fp32) times the dequantized codes q (rows layout), plus bias [N] when given;
    0 on success, -1 when out of memory. x is rounded to int16 per block of B columns (B: the largest power of two <= 256
@@ -187,6 +206,63 @@ int telechat_qmm(const float *x, const uint8_t *q, const uint16_t *s, const uint
         for (int m = 0; m < M; m++)
             for (int n = 0; n < N; n++) y[(size_t)m * N + n] += bias[n];
     free(xsum); free(sx); free(xq);
+    return 0;
+}
+
+/* y [M, N] = x [M, K] (fp32) times w [N, K] held as 16-bit floats (bf16 != 0: bfloat16, else IEEE
+   half), in fp32 arithmetic (16-bit values are exact in fp32), plus bias [N] when given. Weights of
+   a large embedding-tied lm_head stay 16-bit this way and are read once, on every core. */
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+static inline float h_to_float(uint16_t h, int bf16) { return bf16 ? bf16_to_float(h) : half_to_float(h); }
+
+#ifdef TELECHAT_AVX2
+static inline __m256 load8(const uint16_t *p, int bf16) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)) : _mm256_cvtph_ps(v);
+}
+#endif
+
+static inline __attribute__((always_inline)) void hrows(const float *x, const uint16_t *w, int K, int rr, int bf16,
+                                                        float *y) {
+    int k = 0;
+    float acc[R] = {0};
+#ifdef TELECHAT_AVX2
+    if (rr == R) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (; k + 8 <= K; k += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + k);
+            a0 = _mm256_fmadd_ps(load8(w + k, bf16), xv, a0);
+            a1 = _mm256_fmadd_ps(load8(w + (size_t)K + k, bf16), xv, a1);
+            a2 = _mm256_fmadd_ps(load8(w + 2 * (size_t)K + k, bf16), xv, a2);
+            a3 = _mm256_fmadd_ps(load8(w + 3 * (size_t)K + k, bf16), xv, a3);
+        }
+        acc[0] = hsum(a0), acc[1] = hsum(a1), acc[2] = hsum(a2), acc[3] = hsum(a3);
+    }
+#endif
+    for (int r = 0; r < rr; r++) {
+        const uint16_t *wr = w + (size_t)r * K;
+        for (int j = k; j < K; j++) acc[r] += h_to_float(wr[j], bf16) * x[j];
+        y[r] = acc[r];
+    }
+}
+
+int telechat_hmm(const float *x, const uint16_t *w, const float *bias, float *y, int M, int N, int K, int bf16,
+                 int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n += R) {
+        const int rr = N - n < R ? N - n : R;
+        float out[R];
+        for (int m = 0; m < M; m++) {
+            if (bf16) hrows(x + (size_t)m * K, w + (size_t)n * K, K, rr, 1, out);
+            else hrows(x + (size_t)m * K, w + (size_t)n * K, K, rr, 0, out);
+            for (int r = 0; r < rr; r++) y[(size_t)m * N + n + r] = out[r] + (bias ? bias[n + r] : 0.f);
+        }
+    }
     return 0;
 }
 """
@@ -234,9 +310,9 @@ def _library() -> ctypes.CDLL | None:
                           f"({e}; {detail.decode(errors='replace')[-300:]}); using dequantize-then-matmul")
             return None
     handle = ctypes.CDLL(str(lib))
-    fn = handle.telechat_qmm
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+    handle.telechat_qmm.restype = handle.telechat_hmm.restype = ctypes.c_int
+    handle.telechat_qmm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+    handle.telechat_hmm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
     return handle
 
 
@@ -245,14 +321,13 @@ def available() -> bool:
 
 
 def _call(qp: int, sp: int, zp: int, bp: int | None, N: int, K: int, bits: int, group_size: int):
-    """The kernel with one layer's pointers and sizes bound; it keeps raw values only, so a cached one is
-    right for whichever tensors have them."""
-    fn = _library().telechat_qmm
+    """The kernel with one layer's pointers and sizes bound: x [M, K] fp32 contiguous -> y `shape` fp32.
+    It keeps raw values only, so a cached one is right for whichever tensors have them."""
+    fn, empty, f32, threads = _library().telechat_qmm, torch.empty, torch.float32, torch.get_num_threads
 
-    def run(x: Tensor, shape) -> Tensor:  # x: M x K, fp32, contiguous
-        y = torch.empty(shape, dtype=torch.float32)
-        if fn(x.data_ptr(), qp, sp, zp, bp, y.data_ptr(), x.numel() // K, N, K, group_size, bits,
-              torch.get_num_threads()):
+    def run(x: Tensor, shape) -> Tensor:
+        y = empty(shape, dtype=f32)
+        if fn(x.data_ptr(), qp, sp, zp, bp, y.data_ptr(), x.numel() // K, N, K, group_size, bits, threads()):
             raise MemoryError("telechat_qmm: out of memory")
         return y
 
@@ -271,19 +346,44 @@ def runner(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int,
     call = _call(q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bias.data_ptr() if fp32_bias else None,
                  N, K, bits, group_size)
     add_bias = bias if bias is not None and not fp32_bias else None
+    f32 = torch.float32
 
     def run(x: Tensor) -> Tensor:
         shape, dtype = x.shape[:-1] + (N,), x.dtype
         if perm is not None:
             x = x.reshape(-1, K)[:, perm]
-        if dtype != torch.float32 or not x.is_contiguous():
+        if dtype is not f32 or not x.is_contiguous():
             x = x.float().contiguous()
         y = call(x, shape)
-        if dtype != torch.float32:
+        if dtype is not f32:
             y = y.to(dtype)
         return y if add_bias is None else y + add_bias
 
     return run
+
+
+_HALF = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def half_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) for fp32 x and a 16-bit weight [N, K] kept 16-bit, in fp32 arithmetic.
+
+    A decode's few rows on CPU take the native kernel (the weight read once, as 16-bit, on every
+    core); anything else upcasts the weight for the call."""
+    N, K = weight.shape
+    rows = x.numel() // K if K else 0
+    if (x.dtype != torch.float32 or weight.dtype not in _HALF or x.device.type != "cpu" or not 0 < rows <= MAX_ROWS
+            or not weight.is_contiguous() or torch.compiler.is_compiling() or not available()):
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    xc = x.reshape(rows, K).contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    _library().telechat_hmm(xc.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                            rows, N, K, _HALF[weight.dtype], torch.get_num_threads())
+    return y
+
+
+Linear.mixed_dtype_linear = staticmethod(half_linear)
 
 
 @torch.library.custom_op("telechat::qmm", mutates_args=())

@@ -202,7 +202,7 @@ class QuantLinear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if self._native is not None and x.numel() <= self._native_max and x.device.type == "cpu":
+        if self._native is not None and x.is_cpu and x.numel() <= self._native_max:
             if not torch.compiler.is_compiling():
                 return self._native(x)  # the bound call, bias included: a decode step makes hundreds
             y = kernels.qmm_op(self._in_group_order(x), self.qrows, self.srows, self.zrows, self.bits,

@@ -405,6 +405,9 @@ class _Plain:
     def barrier(self):
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class _DeepSpeed(_Plain):
     """DeepSpeed's engine (ZeRO 0-3, optional CPU offload); on CPU it runs with the gloo backend."""
@@ -437,6 +440,17 @@ class _DeepSpeed(_Plain):
         self.model = self.engine
         self.deepspeed = deepspeed
         self.zero3 = cfg.zero_stage == 3
+        self.cpu = cfg.device == "cpu"
+
+    def close(self) -> None:
+        """Unlink this rank's shared-memory all-reduce buffer, which DeepSpeed's CPU backend leaves in
+        /dev/shm at exit (64 MiB per rank per run), once every rank has it mapped."""
+        if not self.cpu:
+            return
+        self.barrier()
+        name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+               f"{os.environ.get('MASTER_PORT', '')}_{self.rank}"
+        Path("/dev/shm", name).unlink(missing_ok=True)
 
     def backward(self, loss):
         self.engine.backward(loss)
@@ -647,4 +661,5 @@ def train(cfg: TrainConfig) -> dict:
         summary.update(evaluate(runner.model, vals, cfg))
     if mixture is not None:
         summary["mix_weights"] = mixture.weight_dict()
+    runner.close()
     return summary
