@@ -79,6 +79,8 @@ def test_resume_is_exact_after_sigkill(sft_dir, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(args + ["--output", str(ref)], check=True, capture_output=True)
     out = tmp_path / "killed"
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
     proc = subprocess.Popen(args + ["--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "checkpoint-0000008" / "trainer_state.pt").exists():
@@ -170,6 +172,8 @@ def test_deepspeed_zero3_resume_is_exact_after_sigkill(sft_dir, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(args + ["--output", str(ref)], env=env, check=True, capture_output=True, timeout=600)
     out = tmp_path / "killed"
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
     proc = subprocess.Popen(args + ["--output", str(out)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -178,6 +182,8 @@ def test_deepspeed_zero3_resume_is_exact_after_sigkill(sft_dir, tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
     proc.wait()
+    for f in (set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()) - before:
+        f.unlink(missing_ok=True)  # a killed run cannot unlink its own all-reduce buffers
     assert latest_checkpoint(out).name == "checkpoint-0000004"
     subprocess.run(args + ["--output", str(out), "--resume"], env=env, check=True, capture_output=True, timeout=600)
 
