@@ -8,6 +8,9 @@ activations, and the quantized model being built; the float model is never whole
 """
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
 from pathlib import Path
 
 import torch
@@ -149,3 +152,15 @@ def _quantize_blocks(out: TeleChat, tensors: dict, qcfg: QuantConfig, ids: torch
         if h is not None:  # the next block's inputs: this block's outputs with its quantized weights
             h = torch.cat([forward(x) for x in h.split(batch_size)])
         del block
+        _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps it otherwise, and each block's float weights,
+    Hessians and GPTQ temporaries leave fragments that add up to hundreds of MB of resident memory."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
