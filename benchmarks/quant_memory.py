@@ -158,7 +158,7 @@ def main() -> int:
               f"{qsize / gib:.2f} GiB | {seconds:.0f} s |{extra}")
     if limit:
         over = [r[0] for r in rows if r[2] > limit]
-        print(f"finished under a {args.memory_limit:g} GiB cap (page cache included, swap excluded)"
+        print(f"finished under a {args.memory_limit:g} GiB cap (page cache counted; swap, if any, within the cap)"
               + (f"; the bf16 checkpoint alone is larger than the cap for {over} layers" if over else ""))
     (l0, *_, p0, _, _, _), (l1, *_, p1, _, _, _) = rows[0], rows[-1]
     print(f"peak RSS grows {(p1 - p0) / gib:.2f} GiB from {l0} to {l1} layers "
