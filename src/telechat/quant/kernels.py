@@ -28,10 +28,9 @@ import tempfile
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import Linear
+from ..model import Linear, _upcast_linear
 
 _SOURCE = r"""
 #include <math.h>
@@ -374,7 +373,7 @@ def half_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     rows = x.numel() // K if K else 0
     if (x.dtype != torch.float32 or weight.dtype not in _HALF or x.device.type != "cpu" or not 0 < rows <= MAX_ROWS
             or not weight.is_contiguous() or torch.compiler.is_compiling() or not available()):
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return _upcast_linear(x, weight, bias)
     xc = x.reshape(rows, K).contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
