@@ -70,7 +70,7 @@ def test_no_network():
 
 def test_no_subprocess_and_temp_workdir(tmp_path):
     out = run_program("import subprocess\nsubprocess.run(['true'])", timeout=5)
-    assert out.status == "failed" and "disabled in the evaluation sandbox" in out.output
+    assert out.status == "failed" and "PermissionError" in out.output
     out = run_program("import os\nprint(os.getcwd())\nprint(sorted(os.environ))\nopen('f.txt', 'w').write('x')",
                       timeout=5)
     assert out.passed
