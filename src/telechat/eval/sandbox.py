@@ -175,17 +175,20 @@ def build_root(got):
 
 
 def drop_privileges(root):
+    """Where the kernel refuses a step, go on without it and do not claim it."""
     if root:
-        os.chown(CFG["work"], CFG["uid"], CFG["uid"])
-        os.setgroups([])
-        os.setresgid(CFG["uid"], CFG["uid"], CFG["uid"])
-        os.setresuid(CFG["uid"], CFG["uid"], CFG["uid"])
-        applied.append(f"uid-{CFG['uid']}")
+        try:
+            os.chown(CFG["work"], CFG["uid"], CFG["uid"])
+            os.setgroups([])
+            os.setresgid(CFG["uid"], CFG["uid"], CFG["uid"])
+            os.setresuid(CFG["uid"], CFG["uid"], CFG["uid"])
+            applied.append(f"uid-{CFG['uid']}")
+        except OSError:
+            pass
     # Capabilities held in a user namespace of our own are dropped too (we never exec, which would).
-    header = struct.pack("Ii", 0x20080522, 0)
-    check(libc.capset(header, bytes(24)), "capset")
-    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
-    applied.append("no-capabilities")
+    if libc.capset(struct.pack("Ii", 0x20080522, 0), bytes(24)) == 0:
+        libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
+        applied.append("no-capabilities")
 
 
 def landlock(paths):
@@ -206,15 +209,16 @@ def landlock(paths):
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             except OSError:
-                continue
+                continue  # absent: nothing to allow
             try:
                 if not os.path.isdir(path):
                     access &= file_only
-                check(libc.syscall(L(445), L(rs), L(1), struct.pack("=Qi", access, fd), L(0)), f"landlock rule {path}")
+                if libc.syscall(L(445), L(rs), L(1), struct.pack("=Qi", access, fd), L(0)) != 0:
+                    return  # restricting without this rule could break the interpreter
             finally:
                 os.close(fd)
-        check(libc.syscall(L(446), L(rs), L(0)), "landlock_restrict_self")
-        applied.append(f"landlock-abi{abi}")
+        if libc.syscall(L(446), L(rs), L(0)) == 0:
+            applied.append(f"landlock-abi{abi}")
     finally:
         os.close(rs)
 
@@ -311,8 +315,12 @@ PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, -1)
 
 
 def supervise():
-    got, root = enter_namespaces()
-    c = os.fork()
+    try:
+        got, root = enter_namespaces()
+        c = os.fork()
+    except Exception as e:
+        os.write(CFG["status_fd"], (json.dumps({"error": f"sandbox setup failed: {e}"}) + "\n").encode())
+        os._exit(1)
     if c:
         os.close(CFG["status_fd"])
         os.close(CFG["report_fd"])
