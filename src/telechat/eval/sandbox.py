@@ -62,7 +62,7 @@ NS = (("user", 0x10000000), ("mount", 0x00020000), ("pid", 0x20000000), ("net", 
       ("ipc", 0x08000000), ("uts", 0x04000000))
 ARCH = {"x86_64": dict(audit=0xc000003e, fork=57, vfork=58, execve=59, execveat=322, clone=56, kill=62, tkill=200,
                        tgkill=234, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, ptrace=101, process_vm_readv=310,
-                       process_vm_writev=311, socket=41, socketpair=53, prctl=157, setsid=112, setpgid=109, mount=165,
+                       process_vm_writev=311, fcntl=72, socket=41, socketpair=53, prctl=157, setsid=112, setpgid=109, mount=165,
                        umount2=166, pivot_root=155, chroot=161, unshare=272, setns=308, bpf=321, perf_event_open=298,
                        keyctl=250, add_key=248, request_key=249, userfaultfd=323, open_by_handle_at=304,
                        name_to_handle_at=303, kexec_load=246, kexec_file_load=320, init_module=175,
@@ -70,7 +70,7 @@ ARCH = {"x86_64": dict(audit=0xc000003e, fork=57, vfork=58, execve=59, execveat=
                        quotactl=179),
         "aarch64": dict(audit=0xc00000b7, execve=221, execveat=281, clone=220, kill=129, tkill=130, tgkill=131,
                         rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, ptrace=117, process_vm_readv=270,
-                        process_vm_writev=271, socket=198, socketpair=199, prctl=167, setsid=157, setpgid=154,
+                        process_vm_writev=271, fcntl=25, socket=198, socketpair=199, prctl=167, setsid=157, setpgid=154,
                         mount=40, umount2=39, pivot_root=41, chroot=51, unshare=97, setns=268, bpf=280,
                         perf_event_open=241, keyctl=219, add_key=217, request_key=218, userfaultfd=282,
                         open_by_handle_at=265, name_to_handle_at=264, kexec_load=104, kexec_file_load=294,
@@ -160,7 +160,11 @@ def build_root(got):
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, "/dev/" + name)
-    bind("/.old" + CFG["work_real"], CFG["work"], writable=True)
+    # The work dir: a tmpfs of its own, so that the disk use is bounded too.
+    os.makedirs(CFG["work"])
+    mount("tmpfs", CFG["work"], "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={CFG['work_mb']}m,nr_inodes=4096")
+    with open("/.old" + CFG["work_real"] + "/program.py", "rb") as src, open(CFG["work"] + "/program.py", "wb") as dst:
+        dst.write(src.read())
     if "pid" in got:
         os.mkdir("/proc")
         try:
@@ -241,6 +245,7 @@ def seccomp():
         "rt_tgsigqueueinfo": only_self,
         "socketpair": [ld(16), jeq(1, 0, 1), allow, eperm],  # AF_UNIX pairs only (asyncio needs one)
         "prctl": [ld(16), jeq(1, 0, 1), eperm, allow],  # not PR_SET_PDEATHSIG
+        "fcntl": [ld(24), jeq(8, 2, 0), jeq(15, 1, 0), allow, eperm],  # no F_SETOWN(_EX): SIGIO to others
     }
     prog = [ld(4), jeq(nrs["audit"], 1, 0), kill, ld(0)]
     if "fork" in nrs:  # x86_64: no x32 system calls
@@ -431,7 +436,7 @@ def run_program(source: str, timeout: float = 10.0, memory_mb: int = 1024, cpu_s
                "root": os.path.join(base, "root"), "ro": _readonly_paths(),
                "devices": ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"],
                "mem": memory_mb * 2**20 if memory_mb else -1, "cpu": cpu, "fsize": file_size_mb * 2**20,
-               "uid": SANDBOX_UID, "finished": FINISHED, "drop_root_first": drop_root_first,
+               "work_mb": max(64, 4 * file_size_mb), "uid": SANDBOX_UID, "finished": FINISHED, "drop_root_first": drop_root_first,
                }
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "no_proxy": "*"}
