@@ -10,10 +10,13 @@ parent, so the output is byte-identical whatever the number of workers.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,6 +29,16 @@ from ..tokenizer import Tokenizer, load_tokenizer
 FORMAT = "telechat-prepared-v1"
 MAX_EXAMPLES = 5  # file:line examples kept per skip reason
 CHUNK = 64  # records per worker task (small: the workers finish together)
+TASK_BYTES = 4 << 20  # ... and at most this much text per task, so in-flight text stays bounded
+WINDOW = 4  # tasks in flight per worker
+# Default line caps (--max-line-bytes). SFT: a record must fit in max_seq_len tokens, and no
+# tokenizer needs anywhere near 256 bytes of JSON per token (a JSON-escaped CJK character is 6).
+# Pre-training documents are cut into blocks, so a long one is legitimate, up to a fixed cap.
+SFT_BYTES_PER_TOKEN = 256
+SFT_MIN_LINE_BYTES = 1 << 20
+PRETRAIN_MAX_LINE_BYTES = 64 << 20
+PIECE_CHARS = 1 << 16  # long documents are tokenized in pieces of about this many characters
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _TOKENIZER: Tokenizer | None = None  # per worker process
 
@@ -57,13 +70,52 @@ def read_data_json(path: str | Path) -> list[tuple[Path, float]]:
     return out
 
 
-def _lines(path: Path):
-    """(line number, raw bytes) of a file, without trailing newline; blank lines skipped."""
-    with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, 1):
+def default_max_line_bytes(mode: str, max_seq_len: int) -> int:
+    """The line cap used when none is given: see SFT_BYTES_PER_TOKEN and PRETRAIN_MAX_LINE_BYTES."""
+    if mode == "sft":
+        return max(SFT_MIN_LINE_BYTES, SFT_BYTES_PER_TOKEN * max_seq_len)
+    return PRETRAIN_MAX_LINE_BYTES
+
+
+def read_lines(path: str | Path, max_bytes: int):
+    """(line number, raw bytes without the newline, or None when the line is longer than max_bytes,
+    length in bytes) of a file; blank lines skipped. An oversized line is read past in small
+    pieces, never held whole, so memory does not grow with the longest line."""
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    with fh:
+        n = 0
+        while True:
+            try:
+                raw = fh.readline(max_bytes + 2)  # + room for "\r\n"
+            except OSError as e:
+                raise DataError(f"{path}: cannot read after line {n} ({e.strerror or e})") from None
+            if not raw:
+                return
+            n += 1
+            size = len(raw)
+            if not raw.endswith(b"\n") and size == max_bytes + 2:  # longer still: stream past the rest
+                raw = None
+                while True:
+                    piece = fh.readline(1 << 20)
+                    size += len(piece)
+                    if not piece or piece.endswith(b"\n"):
+                        size -= len(piece) - len(piece.rstrip(b"\r\n"))
+                        break
+                yield n, None, size
+                continue
             raw = raw.rstrip(b"\r\n")
-            if raw.strip():
-                yield n, raw
+            if len(raw) > max_bytes:
+                yield n, None, len(raw)
+            elif raw.strip():
+                yield n, raw, len(raw)
+
+
+def _too_large(size: int, max_bytes: int, what: str = "line") -> str:
+    return f"too_large: {what} of {size:,} bytes is over the limit of {max_bytes:,} (--max-line-bytes)"
 
 
 def copies(weight: float, rng: np.random.Generator) -> int:
@@ -80,10 +132,7 @@ def parse_dialogue(raw: bytes) -> tuple[str | None, list[tuple[str, str]]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"bad_encoding: not UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        rec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid_json: {e}") from None
+    rec = _json(text)
     if not isinstance(rec, dict):
         raise ValueError(f"invalid_json: expected an object, got {type(rec).__name__}")
     if "dialog" in rec:
@@ -101,6 +150,8 @@ def parse_dialogue(raw: bytes) -> tuple[str | None, list[tuple[str, str]]]:
             if not all(isinstance(m.get("content"), str) for m in pair):
                 raise ValueError(f"missing_field: dialog[{i}] content must be a string")
             turns.append((pair[0]["content"], pair[1]["content"]))
+        if system:
+            _no_surrogates(system, "the system prompt")
         return system or None, _checked(turns)
     if "input" not in rec or "output" not in rec:
         missing = [k for k in ("input", "output") if k not in rec]
@@ -122,10 +173,29 @@ def parse_dialogue(raw: bytes) -> tuple[str | None, list[tuple[str, str]]]:
     return None, _checked([tuple(t) for t in turns])
 
 
+def _json(text: str):
+    """json.loads, with every way a line can fail as ValueError("invalid_json: ...")."""
+    try:
+        return json.loads(text)
+    except RecursionError:  # e.g. 100,000 nested brackets
+        raise ValueError("invalid_json: nested too deeply") from None
+    except ValueError as e:  # malformed, or an integer over Python's 4300-digit limit
+        raise ValueError(f"invalid_json: {e}") from None
+
+
+def _no_surrogates(text: str, where: str) -> None:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode."""
+    m = _SURROGATE.search(text)
+    if m:
+        raise ValueError(f"bad_encoding: lone surrogate U+{ord(m.group()):04X} in {where} at character {m.start()}")
+
+
 def _checked(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    for i, (_, a) in enumerate(turns):
+    for i, (q, a) in enumerate(turns):
         if not a.strip():
             raise ValueError(f"empty_answer: turn {i + 1} has an empty answer")
+        _no_surrogates(q, f"turn {i + 1}'s question")
+        _no_surrogates(a, f"turn {i + 1}'s answer")
     return turns
 
 
@@ -157,23 +227,59 @@ def encode_dialogue(tok: Tokenizer, system: str | None, turns: list[tuple[str, s
 
 
 def _sft_worker(task):
-    """[(ids, loss mask, part lengths, has_system) | "reason: detail"] for a chunk of raw lines."""
+    """[(meta, (ids, loss mask, part lengths, has_system) | "reason: detail")] for a chunk of
+    (meta, raw line | "reason: detail") items. One bad record never stops the others."""
     out = []
-    for raw in task:
+    for meta, raw in task:
+        if isinstance(raw, str):  # already judged by the reader
+            out.append((meta, raw))
+            continue
         try:
             system, turns = parse_dialogue(raw)
             if system and _TOKENIZER.system_id is None:
                 raise ValueError("no_system_token: the record has a system prompt and the tokenizer no <_system>")
+            ids, mask, lengths = encode_dialogue(_TOKENIZER, system, turns)
         except ValueError as e:
-            out.append(str(e))
+            out.append((meta, str(e)))
             continue
-        ids, mask, lengths = encode_dialogue(_TOKENIZER, system, turns)
-        out.append((ids, mask, lengths, bool(system)))
+        except Exception as e:  # a tokenizer failing on odd text: that record only
+            out.append((meta, f"tokenizer_error: {type(e).__name__}: {e}"))
+            continue
+        out.append((meta, (ids, mask, lengths, bool(system))))
     return out
 
 
+def encode_long(tok: Tokenizer, text: str, end_id: int | None = None) -> np.ndarray:
+    """tok.encode(text) (+ end_id) as int32, a long text in pieces of about PIECE_CHARS cut before
+    a space (where SentencePiece and byte-level BPE split words anyway), so the tokenizer's own
+    working memory stays small whatever the document's length."""
+    tail = [] if end_id is None else [end_id]
+    if len(text) <= PIECE_CHARS:
+        return np.asarray(tok.encode(text) + tail, np.int32)
+    parts, start = [], 0
+    while start < len(text):
+        end = start + PIECE_CHARS
+        if end < len(text):
+            cut = text.rfind(" ", start + PIECE_CHARS // 2, end)
+            if cut > start:
+                while cut > start + 1 and text[cut - 1] == " ":  # keep a run of spaces whole
+                    cut -= 1
+                end = cut
+        parts.append(np.asarray(tok.encode(text[start:end]), np.int32))
+        start = end
+    parts.append(np.asarray(tail, np.int32))
+    return np.concatenate(parts)
+
+
 def _text_worker(task):
-    return [np.asarray(_TOKENIZER.encode(t) + [_TOKENIZER.eos_id], dtype=np.int32) for t in task]
+    """[(where, ids + <_end> | "reason: detail")] for a chunk of (where, document text)."""
+    out = []
+    for where, text in task:
+        try:
+            out.append((where, encode_long(_TOKENIZER, text, _TOKENIZER.eos_id)))
+        except Exception as e:  # a tokenizer failing on odd text: that document only
+            out.append((where, f"tokenizer_error: {type(e).__name__}: {e}"))
+    return out
 
 
 def _init_worker(tok_path: str | None) -> None:
@@ -183,18 +289,36 @@ def _init_worker(tok_path: str | None) -> None:
         _TOKENIZER = load_tokenizer(tok_path)
 
 
-def _map(fn, tasks: list, tokenizer: Tokenizer, tok_path: str, workers: int):
-    """fn over tasks in order; in-process for one worker, else a fork pool of `workers` processes."""
+def _tasks(items, size_of):
+    """Lists of up to CHUNK items and about TASK_BYTES of text, from an iterable, lazily."""
+    task, nbytes = [], 0
+    for item in items:
+        task.append(item)
+        nbytes += size_of(item)
+        if len(task) >= CHUNK or nbytes >= TASK_BYTES:
+            yield task
+            task, nbytes = [], 0
+    if task:
+        yield task
+
+
+def _map(fn, tasks, tokenizer: Tokenizer, tok_path: str, workers: int):
+    """fn over an iterable of tasks, results in order; in-process for one worker, else a fork pool
+    of `workers` processes fed a few tasks at a time (the reader never runs far ahead)."""
     global _TOKENIZER
+    _TOKENIZER = tokenizer
+    tasks = iter(tasks)
     if workers <= 1:
-        _TOKENIZER = tokenizer
         yield from map(fn, tasks)
         return
     fork = "fork" in multiprocessing.get_all_start_methods()
-    _TOKENIZER = tokenizer
     ctx = multiprocessing.get_context("fork" if fork else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(None if fork else tok_path,)) as pool:
-        yield from pool.imap(fn, tasks)
+        while True:
+            window = list(itertools.islice(tasks, workers * WINDOW))
+            if not window:
+                return
+            yield from pool.imap(fn, window)
 
 
 # ---- SFT ---------------------------------------------------------------------------------------
@@ -225,47 +349,79 @@ def _check_tokenizer(tok: Tokenizer, path, needed: tuple[str, ...]) -> None:
                         "TeleChat data needs <_user>, <_bot>, <_end> and a pad token")
 
 
+def _line_cap(max_line_bytes: int | None, mode: str, max_seq_len: int) -> int:
+    if max_line_bytes is None:
+        return default_max_line_bytes(mode, max_seq_len)
+    if isinstance(max_line_bytes, bool) or not isinstance(max_line_bytes, int) or max_line_bytes < 1:
+        raise DataError(f"max_line_bytes must be an integer >= 1, got {max_line_bytes!r}")
+    return max_line_bytes
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+    """"sha256:..." of the tokenizer's id -> token table: equal for two tokenizers that turn text
+    into the same ids' meaning, whatever file they were loaded from."""
+    if tok.sp is not None:
+        tokens = tok.sp.id_to_piece(list(range(tok.vocab_size)))
+    else:
+        tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    h = hashlib.sha256()
+    for i, t in enumerate(tokens):
+        h.update(f"{i}\t{'' if t is None else t}\n".encode("utf-8", "surrogatepass"))
+    return "sha256:" + h.hexdigest()
+
+
+def tokenizer_manifest(tok: Tokenizer, path: str | Path) -> dict:
+    """The manifest's record of the tokenizer: where it was, its vocabulary size, a fingerprint
+    of its vocabulary and the sha256 of its file."""
+    h = hashlib.sha256()
+    with open(tok.path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"tokenizer": str(Path(path).resolve()), "tokenizer_file": str(Path(tok.path).resolve()),
+            "tokenizer_vocab_size": tok.vocab_size, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+            "tokenizer_sha256": h.hexdigest()}
+
+
 def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, output: str | Path,
-                num_samples: int | None = None, num_workers: int = 1, seed: int = 0) -> dict:
+                num_samples: int | None = None, num_workers: int = 1, seed: int = 0,
+                max_line_bytes: int | None = None) -> dict:
     """Pack weighted dialogues into `num_samples` left-padded samples (all of them once if None).
 
     Writes input_ids.npy [N, L] int32, loss_mask.npy [N, L] uint8, segment_ids.npy [N, L] uint16
     (0 = padding, k = the k-th dialogue of the sample, for per-dialogue attention) and manifest.json.
+    Lines over `max_line_bytes` (default: default_max_line_bytes("sft", max_seq_len)) are skipped
+    as too_large without being read into memory.
     """
     if max_seq_len < 4:
         raise DataError(f"max_seq_len must be >= 4, got {max_seq_len}")
     if num_samples is not None and num_samples < 1:
         raise DataError(f"num_samples must be >= 1, got {num_samples}")
+    cap = _line_cap(max_line_bytes, "sft", max_seq_len)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers are the parallelism
     sources = read_data_json(data_json)
     tok = load_tokenizer(tokenizer)
     _check_tokenizer(tok, tokenizer, ("user_id", "bot_id", "eos_id", "pad_id"))
     t0 = time.perf_counter()
+    skips, per_file = _Skips.new(), {}
 
-    # Selection by weight, in the parent (a seeded stream per source file).
-    raws, origin, copies_of, skips, per_file = [], [], [], _Skips.new(), {}
-    for fi, (f, w) in enumerate(sources):
-        rng = np.random.default_rng([seed, fi])
-        stats = per_file.setdefault(str(f), {"weight": w, "records": 0, "selected": 0})
-        for n, raw in _lines(f):
-            stats["records"] += 1
-            k = copies(w, rng)
-            stats["selected"] += k
-            if k:  # each record is tokenized once, however many copies it gets
-                raws.append(raw)
-                origin.append((fi, n))
-                copies_of.append(k)
-    if not raws:
-        raise DataError(f"{data_json}: no records selected (empty files or zero weights)")
+    def selected():
+        """((file:line, copies), raw line | "too_large: ...") of the records the weights select,
+        in the parent (a seeded stream per source file), read lazily."""
+        for fi, (f, w) in enumerate(sources):
+            rng = np.random.default_rng([seed, fi])
+            stats = per_file.setdefault(str(f), {"weight": w, "records": 0, "selected": 0})
+            for n, raw, size in read_lines(f, cap):
+                stats["records"] += 1
+                k = copies(w, rng)
+                stats["selected"] += k
+                if k:  # each record is tokenized once, however many copies it gets
+                    yield (f"{f}:{n}", k), raw if raw is not None else _too_large(size, cap)
 
-    tasks = [raws[i:i + CHUNK] for i in range(0, len(raws), CHUNK)]
-    dialogues, truncated = [], 0
-    i = 0
+    tasks = _tasks(selected(), lambda item: len(item[1]))
+    dialogues, truncated, records = [], 0, 0
     for results in _map(_sft_worker, tasks, tok, str(tokenizer), num_workers):
-        for res in results:
-            fi, n = origin[i]
-            where = f"{sources[fi][0]}:{n}"
-            i += 1
+        for (where, k), res in results:
+            records += 1
             if isinstance(res, str):  # counted once per record, however many copies it was given
                 reason, _, detail = res.partition(": ")
                 skips.add(reason, where, detail)
@@ -280,8 +436,11 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
                 skips.add("too_long", where, f"the first turn does not fit in max_seq_len {max_seq_len}")
                 continue
             if keep < len(lengths):
-                truncated += copies_of[i - 1]
-            dialogues.extend([(ids[:length], mask[:length])] * copies_of[i - 1])
+                truncated += k
+                ids, mask = ids[:length].copy(), mask[:length].copy()  # not a view pinning the whole record
+            dialogues.extend([(ids, mask)] * k)
+    if not records:
+        raise DataError(f"{data_json}: no records selected (empty files or zero weights)")
     if not dialogues:
         raise DataError(f"{data_json}: every record was skipped: {json.dumps(skips.as_dict(), ensure_ascii=False)}")
 
@@ -300,8 +459,8 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
         "format": FORMAT, "mode": "sft", "max_seq_len": max_seq_len, "seed": seed,
         "num_samples": N, "epochs": epochs, "pad_id": tok.pad_id,
         "special_ids": {"user": tok.user_id, "bot": tok.bot_id, "end": tok.eos_id, "system": tok.system_id},
-        "tokenizer": str(Path(tokenizer).resolve()), "sources": per_file,
-        "dialogues": len(dialogues), "truncated_dialogues": truncated,
+        **tokenizer_manifest(tok, tokenizer), "max_line_bytes": cap, "sources": per_file,
+        "dialogues": len(dialogues), "truncated_dialogues": truncated, "warnings": [],
         "skipped": skips.as_dict(), "skipped_total": sum(skips.counts.values()),
         "tokens": int((seg > 0).sum()), "loss_tokens": int(mask.sum()), "padding_tokens": int((seg == 0).sum()),
         "fill": round(float((seg > 0).mean()), 4),
@@ -337,83 +496,164 @@ def _pack(dialogues: list, max_seq_len: int, num_samples: int | None, seed: int)
 
 
 # ---- pre-training --------------------------------------------------------------------------------
-def read_documents(files: list[str | Path], text_field: str | None, skips: _Skips):
-    """Documents of .jsonl files (the `text_field`, default "data" then "text") and plain-text files
-    (one document per file)."""
-    for f in map(Path, files):
-        if not f.is_file():
-            raise DataError(f"{f}: input file does not exist")
+def _documents(files: list[Path], text_field: str | None, skips: _Skips, cap: int):
+    """(file:line or file, text) of each usable document; the others are counted in `skips`."""
+    fields = [text_field] if text_field else ["data", "text", "content"]
+    for f in files:
         if f.suffix in (".jsonl", ".json"):
-            for n, raw in _lines(f):
+            for n, raw, size in read_lines(f, cap):
+                where = f"{f}:{n}"
+                if raw is None:
+                    skips.add("too_large", where, _too_large(size, cap).partition(": ")[2])
+                    continue
                 try:
-                    rec = json.loads(raw.decode("utf-8"))
+                    rec = _json(raw.decode("utf-8"))
+                    raw = None  # not held while the text is tokenized
                 except UnicodeDecodeError as e:
-                    skips.add("bad_encoding", f"{f}:{n}", e.reason)
+                    skips.add("bad_encoding", where, f"{e.reason} at byte {e.start}")
                     continue
-                except json.JSONDecodeError as e:
-                    skips.add("invalid_json", f"{f}:{n}", str(e))
+                except ValueError as e:
+                    skips.add("invalid_json", where, str(e).partition(": ")[2])
                     continue
-                fields = [text_field] if text_field else ["data", "text", "content"]
                 text = next((rec[k] for k in fields if isinstance(rec, dict) and isinstance(rec.get(k), str)), None)
                 if text is None:
-                    skips.add("missing_field", f"{f}:{n}", f"no string field {' / '.join(fields)}")
+                    skips.add("missing_field", where, f"no string field {' / '.join(fields)}")
                 elif not text.strip():
-                    skips.add("empty_text", f"{f}:{n}")
+                    skips.add("empty_text", where)
                 else:
-                    yield text
+                    try:
+                        _no_surrogates(text, "the text")
+                    except ValueError as e:
+                        skips.add("bad_encoding", where, str(e).partition(": ")[2])
+                        continue
+                    yield where, text
         else:
             try:
-                text = f.read_bytes().decode("utf-8")
+                size = f.stat().st_size
+                if size > cap:
+                    skips.add("too_large", str(f), _too_large(size, cap, "file").partition(": ")[2])
+                    continue
+                data = f.read_bytes()
+            except OSError as e:
+                raise DataError(f"{f}: cannot read ({e.strerror or e})") from None
+            try:
+                text = data.decode("utf-8")
             except UnicodeDecodeError as e:
                 skips.add("bad_encoding", str(f), f"{e.reason} at byte {e.start}")
                 continue
+            del data
             if text.strip():
-                yield text
+                yield str(f), text
             else:
                 skips.add("empty_text", str(f))
 
 
+def _check_inputs(files) -> list[Path]:
+    files = [Path(f) for f in files]
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f}: input file does not exist" if not f.exists() else f"{f}: input is not a file")
+    return files
+
+
+def read_documents(files: list[str | Path], text_field: str | None, skips: _Skips, max_line_bytes: int | None = None):
+    """Documents of .jsonl files (the `text_field`, default "data" then "text") and plain-text files
+    (one document per file); lines or files over `max_line_bytes` are skipped as too_large."""
+    cap = _line_cap(max_line_bytes, "pretrain", 0)
+    for _, text in _documents(_check_inputs(files), text_field, skips, cap):
+        yield text
+
+
 def prepare_pretrain(inputs: list[str | Path], tokenizer: str | Path, max_seq_len: int, output: str | Path,
                      text_field: str | None = None, val_fraction: float = 0.01, num_workers: int = 1,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, max_line_bytes: int | None = None) -> dict:
     """Documents + <_end> as fixed-length blocks: train/ and val/ (a seeded document split), each with
-    input_ids.npy [N, L] int32 and segment_ids.npy [N, L] uint16 (document k of the block)."""
+    input_ids.npy [N, L] int32 and segment_ids.npy [N, L] uint16 (document k of the block).
+
+    The training split always gets at least one block (documents move over from validation if
+    needed); data too small for one block is an error. An empty validation split that was asked
+    for, or one larger than the training split, is a warning (manifest "warnings"): the data can
+    still be trained on, but without a useful validation loss."""
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be >= 2, got {max_seq_len}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    cap = _line_cap(max_line_bytes, "pretrain", max_seq_len)
+    files = _check_inputs(inputs)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = load_tokenizer(tokenizer)
     _check_tokenizer(tok, tokenizer, ("eos_id",))
     t0 = time.perf_counter()
     skips = _Skips.new()
-    docs = list(read_documents(inputs, text_field, skips))
-    if not docs:
-        raise DataError(f"no documents in {', '.join(map(str, inputs))}: {json.dumps(skips.as_dict(), ensure_ascii=False)}")
-    is_val = np.random.default_rng([seed, 7]).random(len(docs)) < val_fraction
-    if val_fraction > 0 and len(docs) > 1 and not is_val.any():
+    tasks = _tasks(_documents(files, text_field, skips, cap), lambda item: len(item[1]))
+    encoded = []  # token ids only: the texts are not kept
+    for results in _map(_text_worker, tasks, tok, str(tokenizer), num_workers):
+        for where, res in results:
+            if isinstance(res, str):
+                reason, _, detail = res.partition(": ")
+                skips.add(reason, where, detail)
+            else:
+                encoded.append(res)
+    names = ", ".join(map(str, inputs))
+    if not encoded:
+        raise DataError(f"no documents in {names}: {json.dumps(skips.as_dict(), ensure_ascii=False)}")
+    lengths = np.array([len(a) for a in encoded], np.int64)
+    if lengths.sum() < max_seq_len:
+        raise DataError(f"{names}: {len(encoded)} documents make {int(lengths.sum())} tokens (each with <_end>), "
+                        f"fewer than max_seq_len {max_seq_len}: not enough for one block; add data or lower "
+                        "--max-seq-len")
+    is_val = np.random.default_rng([seed, 7]).random(len(encoded)) < val_fraction
+    if val_fraction > 0 and len(encoded) > 1 and not is_val.any():
         is_val[-1] = True  # a validation split was asked for: at least one document
     if is_val.all():
         is_val[0] = False
-    tasks = [docs[i:i + CHUNK] for i in range(0, len(docs), CHUNK)]
-    encoded = [a for res in _map(_text_worker, tasks, tok, str(tokenizer), num_workers) for a in res]
+    warnings, moved = [], 0
+    if lengths[~is_val].sum() < max_seq_len:  # training needs one block: take the longest val documents
+        val_idx = np.nonzero(is_val)[0]
+        for i in val_idx[np.argsort(-lengths[val_idx], kind="stable")]:
+            is_val[i] = False
+            moved += 1
+            if lengths[~is_val].sum() >= max_seq_len:
+                break
+        warnings.append(f"moved {moved} documents from validation to training, which had fewer than "
+                        f"max_seq_len {max_seq_len} tokens (not one block)")
     splits, manifest_splits = {}, {}
     for name, sel in (("train", ~is_val), ("val", is_val)):
-        arrays = [a for a, keep in zip(encoded, sel) if keep]
-        stream = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
-        doc_ids = np.concatenate([np.full(len(a), i, np.int64) for i, a in enumerate(arrays)]) if arrays \
-            else np.zeros(0, np.int64)
-        n = len(stream) // max_seq_len
-        ids = stream[:n * max_seq_len].reshape(n, max_seq_len)
-        d = doc_ids[:n * max_seq_len].reshape(n, max_seq_len)
-        seg = (d - d[:, :1] + 1).astype(np.uint16) if n else np.zeros((0, max_seq_len), np.uint16)
-        splits[name] = {"input_ids": ids, "segment_ids": seg}
-        manifest_splits[name] = {"documents": len(arrays), "tokens": int(len(stream)), "blocks": n,
-                                 "dropped_tail_tokens": int(len(stream) - n * max_seq_len)}
+        idx = np.nonzero(sel)[0]
+        tokens = int(lengths[idx].sum())
+        n = tokens // max_seq_len
+        flat = np.empty(n * max_seq_len, np.int32)
+        seg = np.empty(n * max_seq_len, np.uint16)  # document k of the block, from 1
+        pos, first = 0, 0  # first: the split's document number that the current block starts with
+        for k, i in enumerate(idx):
+            take = min(len(encoded[i]), len(flat) - pos)
+            if take > 0:
+                flat[pos:pos + take] = encoded[i][:take]
+                block_end = (pos // max_seq_len + 1) * max_seq_len
+                if pos % max_seq_len == 0:
+                    first = k
+                seg[pos:min(block_end, pos + take)] = k - first + 1
+                if pos + take > block_end:  # runs on into blocks that it starts
+                    seg[block_end:pos + take] = 1
+                    first = k
+                pos += take
+            encoded[i] = None  # each document is in one split: free it as it is copied
+        splits[name] = {"input_ids": flat.reshape(n, max_seq_len), "segment_ids": seg.reshape(n, max_seq_len)}
+        manifest_splits[name] = {"documents": len(idx), "tokens": tokens, "blocks": n,
+                                 "dropped_tail_tokens": tokens - n * max_seq_len}
+    tr, va = manifest_splits["train"], manifest_splits["val"]
+    if val_fraction > 0 and va["blocks"] == 0:
+        warnings.append(f"the validation split is empty: --val-fraction {val_fraction} gave {va['documents']} "
+                        f"documents with {va['tokens']} tokens, fewer than max_seq_len {max_seq_len}; training "
+                        "will report no validation loss (add data, raise --val-fraction or lower --max-seq-len)")
+    if va["blocks"] > tr["blocks"]:
+        warnings.append(f"the validation split ({va['blocks']} blocks) is larger than the training split "
+                        f"({tr['blocks']} blocks): most of the data is not trained on (lower --val-fraction)")
     manifest = {
         "format": FORMAT, "mode": "pretrain", "max_seq_len": max_seq_len, "seed": seed,
-        "val_fraction": val_fraction, "end_id": tok.eos_id, "tokenizer": str(Path(tokenizer).resolve()),
-        "inputs": [str(Path(f)) for f in inputs], "text_field": text_field, "splits": manifest_splits,
+        "val_fraction": val_fraction, "end_id": tok.eos_id, **tokenizer_manifest(tok, tokenizer),
+        "max_line_bytes": cap, "inputs": [str(Path(f)) for f in inputs], "text_field": text_field,
+        "splits": manifest_splits, "moved_to_train": moved, "warnings": warnings,
         "skipped": skips.as_dict(), "skipped_total": sum(skips.counts.values()),
         "arrays": {"input_ids": "int32", "segment_ids": "uint16"},
     }
