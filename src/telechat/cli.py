@@ -339,7 +339,7 @@ def tokenizer_train(input: list[str], output: str, vocab_size: int = 160256, min
 def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["sft", "pretrain"] = "sft",
                  data_json: str | None = None, num_samples: int | None = None, input: list[str] | None = None,
                  text_field: str | None = None, val_fraction: float = 0.01, num_workers: int = 1,
-                 seed: int = 0) -> int:
+                 seed: int = 0, max_line_bytes: int | None = None) -> int:
     """Prepare training data as memory-mappable arrays plus manifest.json.
 
     --mode sft (TeleChat's recipe): --data-json maps dialogue files ({"input","output"} with
@@ -349,8 +349,10 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
     left-padded; the loss mask covers <_user> and each <_bot>..<_end>. Writes input_ids.npy,
     loss_mask.npy, segment_ids.npy. --mode pretrain: --input files (jsonl with --text-field,
     default "data" then "text"; other files are one document each), each document + <_end>, cut
-    into fixed-length blocks, with a validation split (train/ and val/). Bad records are skipped and
-    counted per reason in the manifest. Output is byte-identical for any --num-workers.
+    into fixed-length blocks, with a validation split (train/ and val/); the training split always
+    gets a block, and an empty or oversized validation split is a warning. Bad records (bad JSON or
+    UTF-8, wrong fields, lines over --max-line-bytes, read past without holding them) are skipped and
+    counted per reason with file:line in the manifest. Output is byte-identical for any --num-workers.
 
     Args:
         output: folder to write (replaced if it is a prepared dataset).
@@ -371,14 +373,15 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
         if mode == "sft":
             if not data_json:
                 raise DataError("--mode sft needs --data-json")
-            m = prepare_sft(data_json, tokenizer, max_seq_len, output, num_samples, num_workers, seed)
+            m = prepare_sft(data_json, tokenizer, max_seq_len, output, num_samples, num_workers, seed, max_line_bytes)
             print(f"wrote {m['num_samples']} samples x {max_seq_len} to {output}: {m['dialogues']} dialogues, "
                   f"{m['tokens']:,} tokens ({m['fill']:.1%} filled), {m['loss_tokens']:,} with loss, "
                   f"{m['truncated_dialogues']} truncated, {m['skipped_total']} skipped in {m['seconds']:.1f}s")
         else:
             if not input:
                 raise DataError("--mode pretrain needs --input FILES...")
-            m = prepare_pretrain(input, tokenizer, max_seq_len, output, text_field, val_fraction, num_workers, seed)
+            m = prepare_pretrain(input, tokenizer, max_seq_len, output, text_field, val_fraction, num_workers, seed,
+                                 max_line_bytes)
             sp = m["splits"]
             print(f"wrote {sp['train']['blocks']} train + {sp['val']['blocks']} val blocks x {max_seq_len} to "
                   f"{output} from {sp['train']['documents'] + sp['val']['documents']} documents, "
@@ -405,6 +408,7 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
     (3-shot CoT), math (4-shot); humaneval (pass@k, programs run in a sandbox); wikitext2
     (sliding-window perplexity, token- and word-level). Each reads DATA_DIR/<task>/ (bbh also
     DATA_DIR/bbh-cot-prompts/). Multiple choice in --mode loglik scores each option's continuation
+        max_line_bytes: skip longer lines (default: sft max(1 MiB, 256 x max-seq-len); pretrain 64 MiB).
     (shared prompt prefixes computed once); --mode generate asks in the chat format with the
     examples as earlier turns, decodes greedily and extracts the option letter (TeleChat's method).
     Accuracy is averaged over subjects (macro) and over items (micro). --output writes JSON with
@@ -426,6 +430,8 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
         samples: humaneval completions per problem (1: greedy; more: sampled).
         pass_k: comma-separated k for humaneval pass@k (each <= samples).
         temperature: sampling temperature when samples > 1.
+        for w in m.get("warnings", []):
+            print(f"warning: {w}", file=sys.stderr)
         top_p: nucleus mass when samples > 1.
         seed: sampling seed.
         max_length: wikitext2 window in tokens (default: min(context, 2048)).
