@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from telechat.eval.sandbox import run_program, sandbox_capabilities
+from telechat.eval.sandbox import run_program
 
 MODES = ["as-is", "unprivileged"] if os.geteuid() == 0 else ["as-is"]
 
@@ -167,6 +167,10 @@ for send in (posix.kill, lambda p, s: libc.kill(p, s)):
         print(send({proc.pid}, 9))
     except OSError as e:
         print("refused:", e)
+r, w = os.pipe()  # SIGIO-style: the kernel signals the pipe's owner when it becomes readable
+print("F_SETOWN", libc.fcntl(r, 8, {os.getpid()}), "F_SETSIG", libc.fcntl(r, 10, {int(signal.SIGUSR2)}),
+      "F_SETFL", libc.fcntl(r, 4, os.O_ASYNC | os.O_NONBLOCK), ctypes.get_errno())
+os.write(w, b"x")
 """, mode)
         time.sleep(0.2)
     finally:
@@ -174,6 +178,21 @@ for send in (posix.kill, lambda p, s: libc.kill(p, s)):
     assert out.passed, out.output
     assert not got, "a sandboxed program signalled the test process"
     assert proc.poll() is None, "a sandboxed program killed a process outside"
+
+
+def _kernel_grants_namespaces() -> bool:
+    """Whether this process may create mount, PID and network namespaces (as the sandbox would)."""
+    flags = 0x00020000 | 0x20000000 | 0x40000000 | (0x10000000 if os.geteuid() else 0)  # mount, pid, net (+user)
+    probe = subprocess.run([sys.executable, "-I", "-c", f"import ctypes; print(ctypes.CDLL(None).unshare({flags}))"],
+                           capture_output=True, text=True, timeout=30)
+    return probe.stdout.strip() == "0"
+
+
+def test_disk_use_is_bounded():
+    if not _kernel_grants_namespaces():
+        pytest.skip("no mount namespace here: the work dir is a plain directory")
+    out = run_program("for i in range(100):\n    open(f'f{i}', 'wb').write(bytes(2**20))", timeout=20, file_size_mb=1)
+    assert out.status == "failed" and "No space left on device" in out.output
 
 
 def _alive_with_name(name: str) -> list[int]:
@@ -311,13 +330,12 @@ assert False
 
 
 def test_confinement_is_reported_and_matches_what_the_kernel_grants():
-    flags = 0x00020000 | 0x20000000 | 0x40000000 | (0x10000000 if os.geteuid() else 0)  # mount, pid, net (+user)
-    probe = subprocess.run([sys.executable, "-I", "-c", f"import ctypes; print(ctypes.CDLL(None).unshare({flags}))"],
-                           capture_output=True, text=True, timeout=30)
+    from telechat.eval.sandbox import sandbox_capabilities
+
     out = run_program("pass", timeout=10)
     assert out.passed and {"seccomp", "rlimits", "no-capabilities"} <= set(out.confinement)
     assert sandbox_capabilities() == out.confinement
-    if probe.stdout.strip() == "0":
+    if _kernel_grants_namespaces():
         assert {"mount-ns", "pid-ns", "net-ns", "private-root", "fresh-proc"} <= set(out.confinement)
     if os.geteuid() == 0:
         assert "uid-65534" in out.confinement
