@@ -366,6 +366,7 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
         val_fraction: pretrain: fraction of documents held out for validation.
         num_workers: tokenizer processes.
         seed: seed of the weighting, the order and the split.
+        max_line_bytes: skip longer lines (default: sft max(1 MiB, 256 x max-seq-len); pretrain 64 MiB).
     """
     from .data.prepare import DataError, prepare_pretrain, prepare_sft
 
@@ -388,6 +389,8 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
                   f"{m['skipped_total']} skipped in {m['seconds']:.1f}s")
         for reason, info in m["skipped"].items():
             print(f"  skipped {info['count']} ({reason}), first: {info['first'][0]}")
+        for w in m.get("warnings", []):
+            print(f"warning: {w}", file=sys.stderr)
     except FileNotFoundError as e:
         raise DataError(str(e)) from None
     return 0
@@ -408,7 +411,6 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
     (3-shot CoT), math (4-shot); humaneval (pass@k, programs run in a sandbox); wikitext2
     (sliding-window perplexity, token- and word-level). Each reads DATA_DIR/<task>/ (bbh also
     DATA_DIR/bbh-cot-prompts/). Multiple choice in --mode loglik scores each option's continuation
-        max_line_bytes: skip longer lines (default: sft max(1 MiB, 256 x max-seq-len); pretrain 64 MiB).
     (shared prompt prefixes computed once); --mode generate asks in the chat format with the
     examples as earlier turns, decodes greedily and extracts the option letter (TeleChat's method).
     Accuracy is averaged over subjects (macro) and over items (micro). --output writes JSON with
@@ -430,8 +432,6 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
         samples: humaneval completions per problem (1: greedy; more: sampled).
         pass_k: comma-separated k for humaneval pass@k (each <= samples).
         temperature: sampling temperature when samples > 1.
-        for w in m.get("warnings", []):
-            print(f"warning: {w}", file=sys.stderr)
         top_p: nucleus mass when samples > 1.
         seed: sampling seed.
         max_length: wikitext2 window in tokens (default: min(context, 2048)).
