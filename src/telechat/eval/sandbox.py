@@ -56,15 +56,17 @@ libc.prctl.argtypes = (ctypes.c_int,) + (ctypes.c_ulong,) * 4
 L = ctypes.c_long
 applied = []
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 KEEP_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC | 1024 | 2048 | (1 << 21)  # flags locked on mounts from outside
 NS = (("user", 0x10000000), ("mount", 0x00020000), ("pid", 0x20000000), ("net", 0x40000000),
       ("ipc", 0x08000000), ("uts", 0x04000000))
 ARCH = {"x86_64": dict(audit=0xc000003e, fork=57, vfork=58, execve=59, execveat=322, clone=56, kill=62, tkill=200,
                        tgkill=234, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, ptrace=101, process_vm_readv=310,
-                       process_vm_writev=311, fcntl=72, socket=41, socketpair=53, prctl=157, setsid=112, setpgid=109, mount=165,
-                       umount2=166, pivot_root=155, chroot=161, unshare=272, setns=308, bpf=321, perf_event_open=298,
-                       keyctl=250, add_key=248, request_key=249, userfaultfd=323, open_by_handle_at=304,
+                       process_vm_writev=311, fcntl=72, socket=41, socketpair=53, prctl=157, setsid=112,
+                       setpgid=109, mount=165, umount2=166, pivot_root=155, chroot=161, unshare=272, setns=308,
+                       bpf=321, perf_event_open=298, keyctl=250, add_key=248, request_key=249, userfaultfd=323,
+                       open_by_handle_at=304,
                        name_to_handle_at=303, kexec_load=246, kexec_file_load=320, init_module=175,
                        finit_module=313, delete_module=176, reboot=169, swapon=167, swapoff=168, acct=163,
                        quotactl=179),
@@ -284,7 +286,8 @@ def run_confined(root, got):
     try:
         confine(root, got)
     except Exception as e:
-        os.write(CFG["report_fd"], (json.dumps({"error": f"sandbox setup failed: {e}", "applied": applied}) + "\n").encode())
+        report = {"error": f"sandbox setup failed: {e}", "applied": applied}
+        os.write(CFG["report_fd"], (json.dumps(report) + "\n").encode())
         os._exit(1)
     os.write(CFG["report_fd"], (json.dumps({"applied": applied}) + "\n").encode())
     os.close(CFG["report_fd"])
@@ -384,7 +387,8 @@ def _readonly_paths() -> list[tuple[str, str]]:
     paths = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/etc/ld.so.cache", "/etc/ld.so.conf",
              "/etc/ld.so.conf.d", "/etc/localtime"]
     exe = os.path.realpath(sys.executable)
-    for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.dirname(exe))):
+    for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
+              os.path.dirname(os.path.dirname(exe))):
         p = os.path.abspath(p)
         if p != "/" and p not in paths:
             paths.append(p)
@@ -436,8 +440,8 @@ def run_program(source: str, timeout: float = 10.0, memory_mb: int = 1024, cpu_s
                "root": os.path.join(base, "root"), "ro": _readonly_paths(),
                "devices": ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"],
                "mem": memory_mb * 2**20 if memory_mb else -1, "cpu": cpu, "fsize": file_size_mb * 2**20,
-               "work_mb": max(64, 4 * file_size_mb), "uid": SANDBOX_UID, "finished": FINISHED, "drop_root_first": drop_root_first,
-               }
+               "work_mb": max(64, 4 * file_size_mb), "uid": SANDBOX_UID, "finished": FINISHED,
+               "drop_root_first": drop_root_first}
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "no_proxy": "*"}
         out_path = os.path.join(base, "output.txt")
