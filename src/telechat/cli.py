@@ -60,11 +60,17 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "cpu",
     if compile:
         gen["compile"] = True
     history: list[dict] = []
+    # Undecodable bytes (a non-UTF-8 terminal or file) arrive as lone surrogates, from argv or stdin.
+    undecodable = re.compile("[\ud800-\udfff]")
     if prompt is not None:
+        if undecodable.search(prompt):
+            raise ValueError("--prompt is not valid UTF-8 text (it holds bytes that do not decode)")
         for delta in llm.chat(prompt, history, stream=True, **gen):
             print(delta, end="", flush=True)
         print()
         return 0
+    if hasattr(sys.stdin, "reconfigure"):  # a bad line is then reported, not a UnicodeDecodeError
+        sys.stdin.reconfigure(errors="surrogateescape")
     print(f"telechat: {llm.path} ({llm.info()['parameters'] / 1e6:.0f}M parameters, {llm.info()['dtype']}). "
           "/clear forgets the conversation, /exit quits.", file=sys.stderr)
     while True:
@@ -73,6 +79,13 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "cpu",
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        except UnicodeDecodeError as e:  # stdin could not be switched to surrogateescape
+            print(f"error: that line is not valid {e.encoding} text; it was not sent", file=sys.stderr)
+            continue
+        if undecodable.search(question):
+            print(f"error: that line is not valid {getattr(sys.stdin, 'encoding', None) or 'UTF-8'} text "
+                  "(bytes that do not decode); it was not sent", file=sys.stderr)
+            continue
         q = question.strip()
         if not q:
             continue
@@ -157,7 +170,8 @@ def export(model: str, /, output: str, for_: Literal["vllm"] = "vllm") -> int:
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 8, max_queue: int = 64, max_model_len: int | None = None,
           served_model_name: str | None = None, device: str = "cpu", dtype: str | None = None,
-          max_body_bytes: int = 2 * 1024 * 1024, log_level: str = "info") -> int:
+          max_body_bytes: int = 2 * 1024 * 1024, log_level: str = "info", max_connections: int | None = None,
+          header_timeout: float = 10.0, keep_alive_timeout: float = 5.0, body_timeout: float = 60.0) -> int:
     """Serve a model over HTTP: OpenAI-compatible API, TeleChat's endpoints and a web chat page.
 
     Endpoints: GET / (chat page), GET /v1/models, POST /v1/chat/completions, POST /v1/completions
@@ -165,6 +179,12 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
     /telechat/gptDialog/v4 (JSON), GET /health, GET /metrics (Prometheus). Requests share one
     continuously batched engine: up to --max-concurrency generate at once, up to --max-queue more
     wait, and beyond that the server answers 429 with Retry-After.
+
+    Slow or idle clients cannot hold the server: request headers must arrive within
+    --header-timeout, a body within --body-timeout, idle keep-alive connections close after
+    --keep-alive-timeout, and past --max-connections the connection idle longest is closed (or,
+    when all are busy, the new one is answered 503). Repeated connection errors are logged at most
+    5 times a minute each.
 
     Args:
         model: checkpoint folder, or "default".
@@ -179,19 +199,30 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
         dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
         max_body_bytes: larger request bodies are refused with 413.
         log_level: uvicorn log level.
+        max_connections: open connections at most (default: 1000, or fewer under a low open-files limit).
+        header_timeout: seconds a client has to send complete request headers.
+        keep_alive_timeout: seconds an idle keep-alive connection stays open.
+        body_timeout: seconds a client has to send a request body once its headers are in (else 408).
     """
     import uvicorn
 
     from . import load
     from .serve.app import create_app
+    from .serve.net import server_config
 
+    for flag, value in (("--max-connections", max_connections), ("--header-timeout", header_timeout),
+                        ("--keep-alive-timeout", keep_alive_timeout), ("--body-timeout", body_timeout)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
     llm = load(model, device=device, dtype=dtype)
     app = create_app(llm, model_name=served_model_name, api_key=api_key,
                      max_concurrency=max_concurrency, max_queue=max_queue, max_model_len=max_model_len,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     name = app.state.server.model_name
+    config = server_config(app, host, port, max_connections=max_connections, header_timeout=header_timeout,
+                           keep_alive_timeout=keep_alive_timeout, log_level=log_level, timeout_graceful_shutdown=5)
     print(f"telechat: serving {name} on http://{host}:{port}  (web chat at /, OpenAI API at /v1)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
     return 0
 
 
@@ -203,8 +234,8 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
           num_train_epochs: float = 1.0, max_steps: int | None = None,
           precision: Literal["fp32", "bf16", "fp16"] = "fp32", zero_stage: int | None = None, offload: bool = False,
           nproc: int = 1, gradient_checkpointing: bool = False,
-          save_steps: int = 0, eval_steps: int = 0, seed: int = 0, resume: bool = False, device: str = "cpu",
-          progress: bool = True, tensorboard: bool = False,
+          save_steps: int = 0, eval_steps: int = 0, seed: int = 0, resume: bool = False, overwrite: bool = False,
+          device: str = "cpu", progress: bool = True, tensorboard: bool = False,
           mix: Literal["natural", "uniform", "dynamic"] = "natural", mix_every: int = 0, mix_eta: float = 1.0,
           mix_min_weight: float = 0.05, mix_max_weight: float = 0.95) -> int:
     """Pre-train or fine-tune (SFT) on data from `telechat data prepare`.
@@ -213,10 +244,13 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
     warmup then cosine/linear/constant schedule. SFT uses the prepared loss mask, and packed
     dialogues never attend to each other. Checkpoints (every --save-steps and at the end) are
     OUTPUT/checkpoint-STEP folders that `telechat chat --model` loads, plus the optimizer and RNG
-    state: --resume continues exactly. Per-step loss, learning rate, tokens/s and memory go to
-    OUTPUT/log.jsonl. With --zero-stage (or --nproc N, or under `deepspeed -m telechat.train ...`,
-    e.g. with a --hostfile for several nodes) the step runs on DeepSpeed's engine (ZeRO 0-3,
-    optional CPU offload; gloo on CPU); otherwise in plain PyTorch.
+    state: --resume continues exactly from the checkpoint OUTPUT/latest names (and fails, rather than
+    start over, when that checkpoint is missing or damaged). A folder that holds a run is not trained
+    into again without --resume or --overwrite. Every loss token weighs the same, whatever micro-batch,
+    accumulation step or rank it falls in. Per-step loss, learning rate, tokens/s, MFU and memory go
+    to OUTPUT/log.jsonl, each step once (also after a resume). With --zero-stage (or --nproc N, or
+    under `deepspeed -m telechat.train ...`, e.g. with a --hostfile for several nodes) the step runs
+    on DeepSpeed's engine (ZeRO 0-3, optional CPU offload; gloo on CPU); otherwise in plain PyTorch.
 
     Several sources (DATA/SOURCE/ prepared folders, or A,B) are sampled by --mix: natural (by
     size), uniform, or dynamic: every --mix-every steps each source's held-out loss is measured and
@@ -247,7 +281,8 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
         save_steps: save every N steps (0: only at the end).
         eval_steps: validation loss and perplexity every N steps (0: only at the end).
         seed: seed of the initialisation and the data order.
-        resume: continue from OUTPUT's latest checkpoint.
+        resume: continue from OUTPUT's latest checkpoint (a new or empty OUTPUT: start, with a notice).
+        overwrite: OUTPUT holds an earlier run: delete its checkpoints and logs and start over.
         device: torch device.
         progress: show a progress bar.
         tensorboard: also write TensorBoard scalars to OUTPUT/tensorboard.
@@ -262,9 +297,25 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
 
     from .train import TrainConfig
     from .train import train as run
+    from .train.trainer import check_output
 
+    cfg = TrainConfig(stage=stage, data=data, output=output, model=model, preset=preset, max_seq_len=max_seq_len,
+                      per_device_batch_size=per_device_batch_size,
+                      gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+                      weight_decay=weight_decay, warmup_proportion=warmup_proportion, lr_scheduler=lr_scheduler,
+                      num_train_epochs=num_train_epochs, max_steps=max_steps, precision=precision,
+                      zero_stage=zero_stage, offload=offload,
+                      gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
+                      seed=seed, resume=resume, overwrite=overwrite, device=device, progress=progress,
+                      tensorboard=tensorboard, mix=mix, mix_every=mix_every, mix_eta=mix_eta,
+                      mix_min_weight=mix_min_weight, mix_max_weight=mix_max_weight)
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # relaunch through DeepSpeed's launcher
         import shutil
+
+        cfg.check()  # bad flags or output folder: one message here, not one per rank
+        check_output(cfg, announce=False)
 
         launcher = shutil.which("deepspeed")
         if launcher is None:
@@ -283,16 +334,6 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
                str(_free_port()), "--module", "telechat.train", *argv]
         return subprocess.call(cmd, env=env)
 
-    cfg = TrainConfig(stage=stage, data=data, output=output, model=model, preset=preset, max_seq_len=max_seq_len,
-                      per_device_batch_size=per_device_batch_size,
-                      gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-                      weight_decay=weight_decay, warmup_proportion=warmup_proportion, lr_scheduler=lr_scheduler,
-                      num_train_epochs=num_train_epochs, max_steps=max_steps, precision=precision,
-                      zero_stage=zero_stage, offload=offload,
-                      gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
-                      seed=seed, resume=resume, device=device, progress=progress, tensorboard=tensorboard,
-                      mix=mix, mix_every=mix_every, mix_eta=mix_eta, mix_min_weight=mix_min_weight,
-                      mix_max_weight=mix_max_weight)
     s = run(cfg)
     if s.get("rank", 0) != 0:
         return 0

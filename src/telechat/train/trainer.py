@@ -6,12 +6,15 @@ official-layout folder `telechat.load` reads), the optimizer, the schedule and t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 from ..checkpoint import load_model
 from ..data.prepare import load_prepared
 from ..llm import LLM, default_generation_config, from_preset, load
-from ..model import causal_lm_loss, packed_labels
+from ..model import packed_labels
 from ..tokenizer import load_tokenizer
 
 
@@ -52,6 +55,7 @@ class TrainConfig:
     eval_fraction: float = 0.02  # sft: share of samples held out (pretrain uses the val/ split)
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # start afresh in a folder that holds an earlier run (its files are deleted)
     device: str = "cpu"
     log_every: int = 1
     progress: bool = True
@@ -67,9 +71,25 @@ class TrainConfig:
     def check(self) -> None:
         if (self.model is None) == (self.preset is None):
             raise ValueError("give exactly one of --model PATH and --preset NAME")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps"):
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or unset, to train --num-train-epochs), got {self.max_steps}")
+        if not 0 < self.num_train_epochs < math.inf:
+            raise ValueError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        for name in ("save_steps", "eval_steps", "mix_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "weight_decay"):
+            if not 0 <= getattr(self, name) < math.inf:  # also refuses NaN
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in the output folder and --overwrite deletes it: give one")
         if not 0 <= self.warmup_proportion < 1:
             raise ValueError(f"warmup_proportion must be in [0, 1), got {self.warmup_proportion}")
         if self.precision == "fp16" and self.device == "cpu":
@@ -81,8 +101,9 @@ class TrainConfig:
         if not 0 <= self.mix_min_weight <= self.mix_max_weight <= 1:
             raise ValueError(f"need 0 <= mix_min_weight <= mix_max_weight <= 1, got {self.mix_min_weight} "
                              f"and {self.mix_max_weight}")
-        if self.mix_every < 0 or self.mix_eval_batches < 1 or self.mix_eta < 0:
-            raise ValueError("mix_every must be >= 0, mix_eval_batches >= 1 and mix_eta >= 0")
+        if self.mix_eval_batches < 1 or not 0 <= self.mix_eta < math.inf:
+            raise ValueError(f"mix_eval_batches must be >= 1 and mix_eta a finite number >= 0, got "
+                             f"{self.mix_eval_batches} and {self.mix_eta}")
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -113,8 +134,9 @@ class Batches:
         """This rank's share of global micro-batch `micro`; every rank reads its own batches."""
         return self.batch(micro * world + rank)
 
-    def max_token_id(self) -> int:
-        return int(np.max(np.asarray(self.arrays["input_ids"][:256])))
+    def id_range(self) -> tuple[int, int]:
+        """The smallest and largest token id in the whole array (read in chunks: memory stays small)."""
+        return id_range(self.arrays["input_ids"])
 
     def take(self, picks) -> dict[str, torch.Tensor]:
         picks = np.asarray(picks)
@@ -123,6 +145,22 @@ class Batches:
             if name in self.arrays:
                 out[name] = torch.from_numpy(np.asarray(self.arrays[name][picks], np.int64))
         return out
+
+
+def id_range(ids, chunk: int = 4096) -> tuple[int, int]:
+    """(min, max) of a (memory-mapped) array of token ids; (0, -1) when it is empty."""
+    lo, hi = 0, -1
+    for i in range(0, len(ids), chunk):
+        part = np.asarray(ids[i:i + chunk])
+        if part.size:
+            lo, hi = (int(part.min()), int(part.max())) if hi < lo else (min(lo, int(part.min())), max(hi, int(part.max())))
+    return lo, hi
+
+
+def notice(message: str) -> None:
+    """A line for the person running the job, on stderr, once (rank 0) however many processes run."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def bounded_weights(w: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -173,8 +211,9 @@ class Mixture:
     def __len__(self) -> int:
         return sum(len(b) for b in self.sources.values())
 
-    def max_token_id(self) -> int:
-        return max(b.max_token_id() for b in self.sources.values())
+    def id_range(self) -> tuple[int, int]:
+        ranges = [b.id_range() for b in self.sources.values()]
+        return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
 
     def micro_batch(self, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, 7, micro])
@@ -234,6 +273,15 @@ def _one_source(cfg: TrainConfig, path: str | Path) -> tuple[Batches, Batches | 
         n = len(arrays["input_ids"])
         rows = np.random.default_rng([cfg.seed, 99]).permutation(n)
         n_val = int(round(n * cfg.eval_fraction)) if n > 1 else 0
+        if n - n_val < 1:
+            raise ValueError(f"{path}: no training samples ({n} samples, {n_val} of them held out by --eval-fraction "
+                             f"{cfg.eval_fraction})")
+        if cfg.eval_fraction > 0 and n_val == 0:
+            notice(f"warning: {path}: {n} samples x --eval-fraction {cfg.eval_fraction} holds out no sample: "
+                   "no validation loss will be measured")
+        elif n_val > n - n_val:
+            notice(f"warning: {path}: more samples held out ({n_val}) than left for training ({n - n_val}); "
+                   "lower --eval-fraction")
         train = Batches(arrays, np.sort(rows[n_val:]), cfg.per_device_batch_size, cfg.seed)
         val = Batches(arrays, np.sort(rows[:n_val]), cfg.per_device_batch_size, cfg.seed) if n_val else None
         manifest = arrays["manifest"]
@@ -242,9 +290,18 @@ def _one_source(cfg: TrainConfig, path: str | Path) -> tuple[Batches, Batches | 
         if arrays["manifest"]["mode"] != "pretrain":
             raise ValueError(f"{path}: prepared with --mode {arrays['manifest']['mode']}, not pretrain")
         train = Batches(arrays, np.arange(len(arrays["input_ids"])), cfg.per_device_batch_size, cfg.seed)
-        val_arrays = load_prepared(path, "val")
-        val = Batches(val_arrays, np.arange(len(val_arrays["input_ids"])), cfg.per_device_batch_size, cfg.seed) \
-            if len(val_arrays["input_ids"]) else None
+        val_arrays = load_prepared(path, "val") if (Path(path) / "val").is_dir() else {"input_ids": np.zeros((0, 1))}
+        n_train, n_val = len(arrays["input_ids"]), len(val_arrays["input_ids"])
+        if n_train == 0:
+            raise ValueError(f"{path}: the train/ split has 0 blocks (val/ has {n_val}): nothing to train on; prepare "
+                             "it again with more text or a smaller --val-fraction")
+        if n_val == 0:
+            notice(f"warning: {path}: the val/ split has 0 blocks: no validation loss will be measured (prepare "
+                   "with more text or a larger --val-fraction)")
+        elif n_val > n_train:
+            notice(f"warning: {path}: the val/ split ({n_val} blocks) is larger than the train/ split ({n_train}); "
+                   "prepare it again with a smaller --val-fraction")
+        val = Batches(val_arrays, np.arange(n_val), cfg.per_device_batch_size, cfg.seed) if n_val else None
         manifest = arrays["manifest"]
     seq = manifest["max_seq_len"]
     if cfg.max_seq_len is not None and cfg.max_seq_len != seq:
@@ -284,13 +341,50 @@ def _datasets(cfg: TrainConfig) -> tuple[Batches | Mixture, dict[str, Batches], 
 
 
 # ---- model, optimizer, schedule ----------------------------------------------------------------
-def _build(cfg: TrainConfig, manifest: dict, data: Batches | Mixture) -> LLM:
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (each id's piece, in id order): equal exactly when token ids mean the same
+    pieces, whatever file format or copy the tokenizer comes from."""
+    if getattr(tokenizer, "sp", None) is not None:
+        pieces = tokenizer.sp.id_to_piece(list(range(len(tokenizer))))
+    else:
+        pieces = [tokenizer.id_to_token(i) or "" for i in range(len(tokenizer))]
+    h = hashlib.sha256()
+    for piece in pieces:
+        h.update(piece.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+def check_data_tokenizer(manifest: dict, data_tokenizer, model_tokenizer, data: str, model: str) -> None:
+    """Refuse data prepared with a tokenizer other than the model's: its ids would name other tokens.
+
+    What the manifest recorded at prepare time (`tokenizer_vocab_size`, `tokenizer_vocab_sha256`) wins
+    over the tokenizer file it names, which may have changed since."""
+    vocab = manifest.get("tokenizer_vocab_size")
+    if not isinstance(vocab, int) and data_tokenizer is not None:
+        vocab = len(data_tokenizer)
+    digest = manifest.get("tokenizer_vocab_sha256")
+    if not isinstance(digest, str) and data_tokenizer is not None:
+        digest = tokenizer_fingerprint(data_tokenizer)
+    named = manifest.get("tokenizer") or "(not recorded)"
+    mine = f"{model}'s tokenizer ({getattr(model_tokenizer, 'path', '?')}, vocab {len(model_tokenizer)})"
+    if isinstance(vocab, int) and vocab != len(model_tokenizer):
+        raise ValueError(f"{data} was prepared with the tokenizer {named} (vocab {vocab}), not with {mine}: the "
+                         f"token ids would mean other tokens; prepare the data again with --tokenizer {model}")
+    if isinstance(digest, str) and digest != tokenizer_fingerprint(model_tokenizer):
+        raise ValueError(f"{data} was prepared with the tokenizer {named}, not with {mine} (same vocab size, other "
+                         f"pieces): the token ids would mean other tokens; prepare the data again with --tokenizer "
+                         f"{model}")
+
+
+def _build(cfg: TrainConfig, manifest: dict, data: Batches | Mixture, vals: dict[str, Batches]) -> LLM:
     tok_path = manifest.get("tokenizer")
-    tokenizer = load_tokenizer(tok_path) if tok_path and Path(tok_path).exists() else None
+    tokenizer = load_tokenizer(tok_path) if isinstance(tok_path, str) and Path(tok_path).exists() else None
     if cfg.model is not None:
         llm = load(cfg.model, device=cfg.device, dtype=torch.float32)
         if llm.tokenizer is None:
             llm.tokenizer = tokenizer
+        else:
+            check_data_tokenizer(manifest, tokenizer, llm.tokenizer, cfg.data, cfg.model)
     else:
         over = {}
         if tokenizer is not None:  # the embedding must cover the data's vocabulary
@@ -300,10 +394,12 @@ def _build(cfg: TrainConfig, manifest: dict, data: Batches | Mixture) -> LLM:
         over["seq_length"] = max(manifest["max_seq_len"], 32)
         llm = from_preset(cfg.preset, device=cfg.device, seed=cfg.seed, tokenizer=tokenizer, **over)
         llm.generation_config = default_generation_config(llm.config, tokenizer)
-    top = data.max_token_id()
-    if top >= llm.config.vocab_size:
-        raise ValueError(f"{cfg.data} has token id {top}, beyond the model's vocab_size {llm.config.vocab_size}: "
-                         "the data was tokenized with another tokenizer")
+    ranges = [data.id_range()] + [v.id_range() for v in vals.values()]
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if lo < 0 or hi >= llm.config.vocab_size:
+        raise ValueError(f"{cfg.data} has token ids from {lo} to {hi}, outside the model's vocabulary (vocab_size "
+                         f"{llm.config.vocab_size}): the data was prepared with another tokenizer "
+                         f"({tok_path or 'not recorded'}); prepare it again with the model's tokenizer")
     return llm
 
 
@@ -341,10 +437,9 @@ def _save(out: Path, step: int, llm: LLM, runner: _Plain, cfg: TrainConfig, hist
     extra = runner.save_state(tmp)  # collective under DeepSpeed
     runner.barrier()
     if runner.rank == 0:
-        state = {"step": step, "config": asdict(cfg), "history": history, **extra,
-                 "mixture": mixture.state_dict() if mixture is not None else None,
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
-        torch.save(state, tmp / "trainer_state.pt")
+        state = {"format": STATE_FORMAT, "step": step, "config": asdict(cfg), "history": history, **extra,
+                 "mixture": mixture.state_dict() if mixture is not None else None, "rng": _rng_state()}
+        torch.save(state, tmp / "trainer_state.pt")  # tensors and plain data only: torch.load(weights_only=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -355,11 +450,205 @@ def _save(out: Path, step: int, llm: LLM, runner: _Plain, cfg: TrainConfig, hist
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    f = Path(out) / "latest"
-    if not f.exists():
+    """The checkpoint OUT/latest names, if it is complete; else None (resume_point says why)."""
+    try:
+        return resume_point(Path(out))
+    except ValueError:
         return None
-    path = Path(out) / f.read_text().strip()
-    return path if (path / "trainer_state.pt").exists() else None
+
+
+STATE_FORMAT = 2  # trainer_state.pt: plain data and tensors (1: numpy RNG arrays, unpickled unsafely)
+_CHECKPOINT_NAME = re.compile(r"checkpoint-\d{7,}")
+RUN_FILES = ("latest", "log.jsonl", "train_config.json")  # with checkpoint-*/: the marks of a run in a folder
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(gauss)], "python": random.getstate()}
+
+
+def _set_rng_state(rng: dict) -> None:
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name)) \
+        if out.is_dir() else []
+
+
+def earlier_run(out: Path) -> list[str]:
+    """The files and checkpoint folders of an earlier run in `out` (none: a new or unrelated folder)."""
+    out = Path(out)
+    return [n for n in RUN_FILES if (out / n).exists()] + _checkpoints(out) if out.is_dir() else []
+
+
+def resume_point(out: Path) -> Path | None:
+    """The checkpoint `--resume` continues from: the one OUT/latest names. None when `out` holds no
+    checkpoint at all (nothing to resume: training starts); a ValueError naming the problem when it holds
+    checkpoints but `latest` does not name a complete one (never silently start over beside them)."""
+    out = Path(out)
+    latest, found = out / "latest", _checkpoints(out)
+    fix = (f"write the name of a complete checkpoint into {latest} (found: {', '.join(found[-3:])})" if found else
+           f"no checkpoint folder is left in {out}; train into a new folder, or start over with --overwrite")
+    if not latest.exists() and not latest.is_symlink():
+        if not found:
+            return None
+        raise ValueError(f"{out}: holds checkpoints but no 'latest' file naming the one to resume from; {fix}")
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{latest}: cannot be read ({e}); {fix}") from None
+    if not _CHECKPOINT_NAME.fullmatch(name):
+        raise ValueError(f"{latest}: should name a checkpoint folder (checkpoint-NNNNNNN), holds {name[:60]!r}; {fix}")
+    path = out / name
+    if not path.is_dir():
+        raise ValueError(f"{latest} names {name}, which does not exist; {fix}")
+    if not (path / "trainer_state.pt").is_file():
+        raise ValueError(f"{path}: incomplete checkpoint (no trainer_state.pt); {fix}")
+    return path
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    """trainer_state.pt, read as tensors and plain data only (a pickle naming any other object, which could
+    run code when unpickled, is refused), and checked for the fields a resume needs."""
+    f = Path(ckpt) / "trainer_state.pt"
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged zip, a foreign pickle, a forbidden global: all mean "cannot use it"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{f}: not a readable trainer state ({reason}); it is damaged, written by another program "
+                         "or an older telechat, or holds objects other than tensors and plain data (refused: "
+                         "unpickling them could run code)") from None
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{f}: not a valid trainer state ({what})")
+    if not isinstance(state, dict):
+        raise bad(f"a {type(state).__name__}, not a dict")
+    if state.get("format") != STATE_FORMAT:
+        raise bad(f"format {state.get('format')!r}, this telechat reads {STATE_FORMAT}")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or f"checkpoint-{step:07d}" != Path(ckpt).name:
+        raise bad(f"step {step!r} does not match the folder name {Path(ckpt).name}")
+    history = state.get("history")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise bad("'history' is not a list of records")
+    rng = state.get("rng")
+    ok = (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+          and isinstance(rng.get("numpy"), (list, tuple)) and len(rng["numpy"]) == 5
+          and isinstance(rng["numpy"][1], torch.Tensor) and isinstance(rng.get("python"), (list, tuple))
+          and len(rng["python"]) == 3)
+    if not ok:
+        raise bad("'rng' is missing or malformed")
+    if state.get("mixture") is not None and not isinstance(state["mixture"], dict):
+        raise bad("'mixture' is malformed")
+    optimizer = state.get("optimizer")
+    slots = optimizer.get("state") if isinstance(optimizer, dict) else None
+    for per_param in (slots.values() if isinstance(slots, dict) else []):
+        for name, t in (per_param.items() if isinstance(per_param, dict) else []):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{ckpt}: the optimizer state ({name}) holds NaN or Inf values; resume from an "
+                                 "earlier checkpoint (write its name into OUTPUT/latest)")
+    return state
+
+
+def check_finite_weights(folder: Path) -> None:
+    """Refuse a checkpoint whose weights hold NaN or Inf: training from it only produces NaN losses."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"{folder}: the weight {name} ({file.name}) holds NaN or Inf values; resume "
+                                     "from an earlier checkpoint (write its name into OUTPUT/latest)")
+
+
+# DeepSpeed's own classes in its checkpoint files: plain records, rebuilt from their attributes.
+DEEPSPEED_CHECKPOINT_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                                "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                                "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def check_deepspeed_files(folder: Path) -> None:
+    """DeepSpeed unpickles its checkpoint files without restriction: read each first as tensors, plain
+    data and DeepSpeed's own record classes only, and refuse the checkpoint when one holds anything else."""
+    import importlib
+
+    allowed = []
+    for name in DEEPSPEED_CHECKPOINT_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            pass  # another DeepSpeed version: its files cannot hold it either
+    files = sorted(Path(folder).rglob("*.pt"))
+    if not files:
+        raise ValueError(f"{folder}: no DeepSpeed state files (written by a plain PyTorch run? resume it without "
+                         "--zero-stage/--nproc)")
+    for f in files:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{f}: not a readable DeepSpeed state file ({reason}); it is damaged or holds objects "
+                             "other than tensors and plain data (refused: unpickling them could run code)") from None
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Keep the log records of steps up to `step` (those the resumed checkpoint holds): the steps after
+    it are trained again and logged again, once."""
+    if not log.exists():
+        return
+    keep = []
+    with open(log, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, log)
+
+
+def check_output(cfg: TrainConfig, announce: bool = True) -> Path | None:
+    """What the output folder allows, before anything is built: the checkpoint to resume from (with
+    --resume), or None to start; a ValueError when the folder holds another run and neither --resume
+    nor --overwrite was given, or when --resume finds no valid checkpoint beside checkpoints."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} exists and is not a folder")
+    found = earlier_run(out)
+    if cfg.resume:
+        ckpt = resume_point(out)
+        if ckpt is None and announce:
+            notice(f"notice: --resume: {out} holds no checkpoint yet; training starts from step 0")
+        return ckpt
+    if found and not cfg.overwrite:
+        raise ValueError(f"{out} already holds a training run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
+                         "continue it with --resume, train into a new --output folder, or give --overwrite to "
+                         "delete it and start over")
+    return None
+
+
+def _clear_run(out: Path) -> None:
+    """--overwrite: delete an earlier run's checkpoints, logs and TensorBoard events (nothing else)."""
+    for name in _checkpoints(out):
+        shutil.rmtree(out / name)
+    for p in out.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    for name in (*RUN_FILES, "latest.tmp", "log.jsonl.tmp"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
 
 
 # ---- plain PyTorch or DeepSpeed, behind one face ----------------------------------------------------
@@ -369,8 +658,10 @@ class _Plain:
     def __init__(self, model, opt, sched, cfg: TrainConfig):
         self.model, self.opt, self.sched, self.accum = model, opt, sched, cfg.gradient_accumulation_steps
 
-    def backward(self, loss):
-        (loss / self.accum).backward()
+    def backward(self, loss_sum, tokens: int):
+        """Backpropagate one micro-batch's summed token loss as its share of the step's mean over all
+        `tokens` loss tokens (every micro-batch, every rank): each token weighs the same."""
+        (loss_sum / max(tokens, 1)).backward()
 
     def micro_step(self):
         pass
@@ -388,6 +679,9 @@ class _Plain:
     def mean(self, x: float) -> float:
         return x
 
+    def sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
     def gathered(self):
         import contextlib
         return contextlib.nullcontext()
@@ -398,9 +692,17 @@ class _Plain:
     def load_state(self, folder: Path, state: dict, start: int) -> None:
         fresh = load_model(folder, device=next(self.model.parameters()).device, dtype=torch.float32)
         self.model.load_state_dict(fresh.state_dict())
-        self.opt.load_state_dict(state["optimizer"])
-        for _ in range(start):
-            self.sched.step()
+        optimizer = state.get("optimizer")
+        if not isinstance(optimizer, dict):
+            raise ValueError(f"{folder}/trainer_state.pt holds no optimizer state (written by a DeepSpeed run? "
+                             "resume it with the same --zero-stage/--nproc)")
+        self.opt.load_state_dict(optimizer)
+        import warnings
+
+        with warnings.catch_warnings():  # replaying the schedule: no optimizer step belongs before these
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            for _ in range(start):
+                self.sched.step()
 
     def barrier(self):
         pass
@@ -441,6 +743,9 @@ class _DeepSpeed(_Plain):
         self.deepspeed = deepspeed
         self.zero3 = cfg.zero_stage == 3
         self.cpu = cfg.device == "cpu"
+        import inspect
+
+        self.no_gas_scaling = "scale_wrt_gas" in inspect.signature(self.engine.backward).parameters
 
     def close(self) -> None:
         """Unlink this rank's shared-memory all-reduce buffer, which DeepSpeed's CPU backend leaves in
@@ -452,8 +757,15 @@ class _DeepSpeed(_Plain):
                f"{os.environ.get('MASTER_PORT', '')}_{self.rank}"
         Path("/dev/shm", name).unlink(missing_ok=True)
 
-    def backward(self, loss):
-        self.engine.backward(loss)
+    def backward(self, loss_sum, tokens: int):
+        # The engine divides by the accumulation steps (unless told not to) and its gradient all-reduce
+        # averages over ranks; scaling by the world size undoes the latter, so the update is the
+        # token-weighted mean over all ranks and micro-batches.
+        loss = loss_sum * (self.world / max(tokens, 1))
+        if self.no_gas_scaling:
+            self.engine.backward(loss, scale_wrt_gas=False)
+        else:
+            self.engine.backward(loss * self.accum)
 
     def micro_step(self):
         self.engine.step()  # applies the update at the accumulation boundary only
@@ -466,9 +778,12 @@ class _DeepSpeed(_Plain):
         return self.engine.get_lr()[0]
 
     def mean(self, x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64)
+        return self.sum([x])[0] / self.world
+
+    def sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
         self.dist.all_reduce(t)
-        return float(t) / self.world
+        return t.tolist()
 
     def gathered(self):
         if self.zero3:  # full weights on every rank for the duration (to save them)
@@ -480,7 +795,11 @@ class _DeepSpeed(_Plain):
         return {}
 
     def load_state(self, folder: Path, state: dict, start: int) -> None:
-        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        check_deepspeed_files(folder / "deepspeed")  # DeepSpeed itself unpickles them unrestricted
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        if path is None:
+            raise ValueError(f"{folder}: no DeepSpeed state in {folder / 'deepspeed'} (written by a plain PyTorch "
+                             "run? resume it without --zero-stage/--nproc)")
 
     def barrier(self):
         self.dist.barrier()
@@ -509,17 +828,40 @@ def _world() -> int:
 
 
 # ---- the loop ----------------------------------------------------------------------------------
-def _loss(model, batch: dict, stage: str, precision: str, device: str) -> tuple[torch.Tensor, int]:
-    ids = batch["input_ids"].to(device)
+def _labels(batch: dict, stage: str) -> torch.Tensor:
     # SFT dialogues attend only within themselves; pre-training blocks are plain causal text (documents
     # separated by <_end>), as in the usual GPT-style recipe and cheaper (no explicit mask).
     seg = batch.get("segment_ids") if stage == "sft" else None
-    seg = seg.to(device) if seg is not None else None
     mask = batch.get("loss_mask") if stage == "sft" else None
-    labels = packed_labels(ids, mask.to(device) if mask is not None else None, seg)
+    return packed_labels(batch["input_ids"], mask, seg)
+
+
+def loss_tokens(labels: torch.Tensor) -> int:
+    """How many tokens of a batch carry loss (each position predicts the next one's label)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def real_tokens(batch: dict) -> int:
+    """The non-padding tokens of a batch (padding has segment id 0)."""
+    seg = batch.get("segment_ids")
+    return int((seg > 0).sum()) if seg is not None else int(batch["input_ids"].numel())
+
+
+def _loss_sum(model, batch: dict, labels: torch.Tensor, stage: str, precision: str, device: str) -> torch.Tensor:
+    """The summed (not averaged) token loss of a batch: 0 with the graph kept when no token carries loss."""
+    ids = batch["input_ids"].to(device)
+    seg = batch.get("segment_ids") if stage == "sft" else None
+    seg = seg.to(device) if seg is not None else None
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = model(ids, segment_ids=seg)
-    return causal_lm_loss(logits, labels), int((labels[:, 1:] != -100).sum())
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(device),
+                                             ignore_index=-100, reduction="sum")
+
+
+def _loss(model, batch: dict, stage: str, precision: str, device: str) -> tuple[torch.Tensor, int]:
+    """(summed token loss, loss tokens) of a batch."""
+    labels = _labels(batch, stage)
+    return _loss_sum(model, batch, labels, stage, precision, device), loss_tokens(labels)
 
 
 @torch.no_grad()
@@ -529,8 +871,8 @@ def _held_out_loss(model, val: Batches, cfg: TrainConfig, max_batches: int | Non
     for b, i in enumerate(range(0, len(val), val.batch_size)):
         if max_batches is not None and b >= max_batches:
             break
-        loss, n = _loss(model, val.take(val.rows[i:i + val.batch_size]), cfg.stage, cfg.precision, cfg.device)
-        total, tokens = total + float(loss) * n, tokens + n
+        loss_sum, n = _loss(model, val.take(val.rows[i:i + val.batch_size]), cfg.stage, cfg.precision, cfg.device)
+        total, tokens = total + float(loss_sum), tokens + n
     return total, tokens
 
 
@@ -558,18 +900,31 @@ def _measure_sources(runner, vals: dict[str, Batches], cfg: TrainConfig) -> dict
     return out
 
 
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that take part in a matmul per token (6 FLOPs each per trained token): all but the input
+    embedding table, a lookup, unless it is tied to the output head."""
+    n = sum(p.numel() for p in model.parameters())
+    emb = getattr(getattr(getattr(model, "transformer", None), "word_embeddings", None), "weight", None)
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    return n - emb.numel() if emb is not None and head is not emb else n
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns a summary with the per-step history."""
     cfg.check()
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt = check_output(cfg)
+    if ckpt is not None:  # a damaged checkpoint fails before anything is built
+        state = load_trainer_state(ckpt)
+        check_finite_weights(ckpt)
     train_data, vals, manifest = _datasets(cfg)
     mixture = train_data if isinstance(train_data, Mixture) else None
     mix_every = cfg.mix_every or cfg.eval_steps or 50
     torch.manual_seed(cfg.seed)
-    llm = _build(cfg, manifest, train_data)
+    llm = _build(cfg, manifest, train_data, vals)
     model = llm.model.train()
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    n_matmul = matmul_params(model)  # before DeepSpeed partitions the parameters
     opt = _optimizer(model, cfg)
     per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     total = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(train_data) / per_step))
@@ -577,21 +932,30 @@ def train(cfg: TrainConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.lr_scheduler))
     use_ds = cfg.zero_stage is not None or _world() > 1
     runner = (_DeepSpeed if use_ds else _Plain)(model, opt, sched, cfg)
-    start, history = 0, []
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        start, history = state["step"], state["history"]
-        runner.load_state(ckpt, state, start)
-        if mixture is not None:
-            mixture.load_state_dict(state["mixture"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+    runner.barrier()  # every rank has seen the output folder as it was
     lead = runner.rank == 0
+    start, history = 0, []
+    if ckpt is not None:
+        start, history = state["step"], state["history"]
+        try:
+            runner.load_state(ckpt, state, start)
+            if mixture is not None:
+                mixture.load_state_dict(state["mixture"] or {"names": None})
+            _set_rng_state(state["rng"])
+        except (KeyError, TypeError, IndexError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{ckpt}: cannot resume from it: {e}") from None
+        if start > total:
+            raise ValueError(f"{ckpt} is at step {start}, beyond this run's {total} steps: raise --max-steps "
+                             "(or --num-train-epochs) to continue it")
+        notice(f"resuming from {ckpt} (step {start} of {total})")
     if lead:
+        if cfg.overwrite:
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(out / "log.jsonl", start)  # the steps after the checkpoint run (and are logged) again
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    runner.barrier()
     log = open(out / "log.jsonl", "a", encoding="utf-8") if lead else None
-    n_params = sum(p.numel() for p in model.parameters())
     peak = measured_matmul_flops(cfg.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     writer = None
     if cfg.tensorboard and lead:
@@ -605,32 +969,46 @@ def train(cfg: TrainConfig) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
+    accum = cfg.gradient_accumulation_steps
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
-            loss_sum, tokens = 0.0, 0
             lr = runner.lr()  # the rate this step's update uses
-            for micro in range(cfg.gradient_accumulation_steps):
-                # each rank its own batches of one deterministic stream
-                batch = train_data.micro_batch(step * cfg.gradient_accumulation_steps + micro, runner.rank, runner.world)
-                loss, n = _loss(runner.model, batch, cfg.stage, cfg.precision, cfg.device)
-                runner.backward(loss)
+            # each rank its own batches of one deterministic stream; all of the step's micro-batches are
+            # drawn first, so that the step's loss-token count (all ranks) is known before any backward
+            micro_batches = []
+            for micro in range(accum):
+                batch = train_data.micro_batch(step * accum + micro, runner.rank, runner.world)
+                micro_batches.append((batch, _labels(batch, cfg.stage)))
+            n_loss, n_real = runner.sum([sum(loss_tokens(lb) for _, lb in micro_batches),
+                                         sum(real_tokens(b) for b, _ in micro_batches)])
+            n_loss, n_real = int(n_loss), int(n_real)
+            loss_sum = 0.0
+            for batch, labels in micro_batches:
+                loss = _loss_sum(runner.model, batch, labels, cfg.stage, cfg.precision, cfg.device)
+                runner.backward(loss, n_loss)
                 runner.micro_step()
                 loss_sum += float(loss.detach())
-                tokens += int(batch["input_ids"].numel()) * runner.world
             grad_norm = runner.step()
-            loss_sum = runner.mean(loss_sum)
+            loss_sum = runner.sum([loss_sum])[0]
             dt = time.perf_counter() - t0
-            rec = {"step": step + 1, "loss": loss_sum / cfg.gradient_accumulation_steps, "lr": lr,
-                   "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "flops_per_s": 6 * n_params * tokens / dt,
-                   "mfu": 6 * n_params * tokens / dt / (peak * runner.world),
+            mean_loss = loss_sum / n_loss if n_loss else float("nan")
+            if cfg.precision != "fp16" and n_loss and not math.isfinite(mean_loss):
+                raise ValueError(f"step {step + 1}: the loss is {mean_loss} (training diverged; nothing saved from "
+                                 f"this step on); lower --learning-rate, or resume from {latest_checkpoint(out)}")
+            flops = 6 * n_matmul * n_real / dt
+            # the device's peak is the best matmul rate it has shown: measured at the start, or this step's
+            peak = max(peak, flops / runner.world)
+            rec = {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_real,
+                   "loss_tokens": n_loss, "tokens_per_s": n_real / dt, "flops_per_s": flops,
+                   "mfu": flops / (peak * runner.world),
                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             if mixture is not None and cfg.mix == "dynamic" and (step + 1) % mix_every == 0:
                 rec["mix_val_loss"] = _measure_sources(runner, vals, cfg)
                 mixture.reweight(rec["mix_val_loss"], cfg.mix_eta, cfg.mix_min_weight, cfg.mix_max_weight)
             if mixture is not None and ("mix_val_loss" in rec or step == start):
                 rec["mix_weights"] = mixture.weight_dict()  # in force from the next step on
-            if cfg.eval_steps and vals and (step + 1) % cfg.eval_steps == 0:
+            if vals and ((cfg.eval_steps and (step + 1) % cfg.eval_steps == 0) or step + 1 == total):
                 rec.update(evaluate(runner.model, vals, cfg))
             history.append(rec)
             if lead and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
@@ -658,7 +1036,9 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"steps": total, "checkpoint": str(final), "history": history, "rank": runner.rank,
                "world_size": runner.world, "engine": "deepspeed" if use_ds else "pytorch"}
     if vals:
-        summary.update(evaluate(runner.model, vals, cfg))
+        last = history[-1] if history else {}
+        summary.update({k: last[k] for k in ("val_loss", "val_ppl", "val_loss_by_source") if k in last}
+                       if last.get("step") == total and "val_loss" in last else evaluate(runner.model, vals, cfg))
     if mixture is not None:
         summary["mix_weights"] = mixture.weight_dict()
     runner.close()
