@@ -404,3 +404,50 @@ def test_manifest_records_the_tokenizer(tmp_path, sp_model, sp_tokenizer, hf_tok
     assert p["tokenizer_vocab_size"] == hf.vocab_size and p["tokenizer_fingerprint"] == tokenizer_fingerprint(hf)
     assert p["tokenizer_sha256"] == hashlib.sha256(hf_tokenizer_json.read_bytes()).hexdigest()
     assert p["tokenizer_file"] == str(hf_tokenizer_json.resolve())
+
+
+# ---- fuzz: every mutated line is either used or skipped and counted, the run never aborts ----------
+NASTY = [b"[" * 3000, b"\\ud800", b"\\udc00\\ud800", b"9" * 5000, b"\xff", b"\xed\xa0\x80", b"\xc3", b"\x00",
+         b'"', b"\\", b"{", b"}", b"null", b"1e99999", b"NaN", b"-", b"\\u0000", b'"dialog": 1', b"<_user>",
+         b"<_bot>", "今天".encode(), b"\xf0\x9f\x98"]
+
+
+def mutate(rng: np.random.Generator, line: bytes) -> bytes:
+    b = bytearray(line)
+    for _ in range(int(rng.integers(1, 4))):
+        op, pos = int(rng.integers(0, 4)), int(rng.integers(0, len(b) + 1))
+        if op == 0:
+            b[pos:pos] = NASTY[int(rng.integers(0, len(NASTY)))]
+        elif op == 1 and b:
+            del b[pos:pos + int(rng.integers(1, 8))]
+        elif op == 2 and pos < len(b):
+            b[pos] = int(rng.integers(0, 256))
+        else:
+            b = b[:pos]
+    return bytes(b).replace(b"\n", b" ").replace(b"\r", b" ")
+
+
+@pytest.mark.parametrize("mode", ["sft", "pretrain"])
+def test_fuzzed_lines_are_all_accounted_for(tmp_path, sp_model, mode):
+    rng = np.random.default_rng(23)
+    if mode == "sft":
+        seeds = [json.dumps({"input": "hello there", "output": "hi 今天"}).encode(),
+                 json.dumps({"input": "<_user>q1<_bot>a1<_user>q2", "output": "a2"}).encode(),
+                 json.dumps({"system": "be nice", "dialog": [{"role": "user", "content": "q"},
+                                                              {"role": "bot", "content": "a"}]}).encode()]
+    else:
+        seeds = [json.dumps({"text": WORDS}).encode(), json.dumps({"data": "今天 " * 5, "text": 1}).encode()]
+    lines = [mutate(rng, seeds[i % len(seeds)]) if i % 5 else seeds[i % len(seeds)] for i in range(1500)]
+    f = tmp_path / "fuzz.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    records = sum(1 for x in lines if x.strip())
+    if mode == "sft":
+        (tmp_path / "data.json").write_text(json.dumps({"fuzz.jsonl": 1}))
+        m = prepare_sft(tmp_path / "data.json", sp_model, 64, tmp_path / "out", num_workers=2)
+        used = m["dialogues"]
+    else:
+        m = prepare_pretrain([f], sp_model, 16, tmp_path / "out", val_fraction=0.1, num_workers=2)
+        used = m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"]
+    assert used + m["skipped_total"] == records and used >= 300 and m["skipped_total"] >= 300
+    assert set(m["skipped"]) <= {"invalid_json", "bad_encoding", "missing_field", "unequal_markers", "unequal_turns",
+                                 "empty_answer", "empty_text", "too_long"}
