@@ -48,11 +48,13 @@ _BOOT = r'''
 import ctypes, json, os, resource, signal, struct, sys
 
 CFG = json.loads(sys.argv[1])
+LINUX = sys.platform.startswith("linux")  # elsewhere only the rlimits and the supervisor apply
 libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-libc.syscall.restype = ctypes.c_long
-libc.prctl.argtypes = (ctypes.c_int,) + (ctypes.c_ulong,) * 4
+if LINUX:
+    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+    libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+    libc.syscall.restype = ctypes.c_long
+    libc.prctl.argtypes = (ctypes.c_int,) + (ctypes.c_ulong,) * 4
 L = ctypes.c_long
 applied = []
 
@@ -110,7 +112,7 @@ def enter_namespaces():
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, so that we may write our own uid_map
         root = False
     uid, gid = os.geteuid(), os.getegid()
-    for name, flag in NS:
+    for name, flag in NS if LINUX else ():
         if name == "user" and root:
             continue
         if libc.unshare(flag) != 0:
@@ -118,9 +120,12 @@ def enter_namespaces():
                 break  # without it an unprivileged process gets no other namespace
             continue
         if name == "user":
-            write_file("/proc/self/setgroups", "deny")
-            write_file("/proc/self/uid_map", f"{uid} {uid} 1")
-            write_file("/proc/self/gid_map", f"{gid} {gid} 1")
+            try:
+                write_file("/proc/self/setgroups", "deny")
+                write_file("/proc/self/uid_map", f"{uid} {uid} 1")
+                write_file("/proc/self/gid_map", f"{gid} {gid} 1")
+            except OSError:
+                break  # e.g. a security module that allows the namespace but not the mapping
         got.add(name)
     applied.extend(n + "-ns" for n, _ in NS if n in got)
     return got, root
@@ -189,10 +194,10 @@ def drop_privileges(root):
             os.setresgid(CFG["uid"], CFG["uid"], CFG["uid"])
             os.setresuid(CFG["uid"], CFG["uid"], CFG["uid"])
             applied.append(f"uid-{CFG['uid']}")
-        except OSError:
+        except (OSError, AttributeError):  # AttributeError: no setresuid outside Linux
             pass
     # Capabilities held in a user namespace of our own are dropped too (we never exec, which would).
-    if libc.capset(struct.pack("Ii", 0x20080522, 0), bytes(24)) == 0:
+    if LINUX and libc.capset(struct.pack("Ii", 0x20080522, 0), bytes(24)) == 0:
         libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
         applied.append("no-capabilities")
 
@@ -270,12 +275,15 @@ def confine(root, got):
     os.close(CFG["status_fd"])
     os.chdir(CFG["work"])
     drop_privileges(root)
-    check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")  # after the uid change, which clears it
+    if LINUX:
+        check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")  # after the uid change, which clears it
     for what, value in ((resource.RLIMIT_CPU, CFG["cpu"]), (resource.RLIMIT_FSIZE, CFG["fsize"]),
                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_AS, CFG["mem"])):
         if value >= 0:  # CPU: SIGXCPU at the limit, SIGKILL a second later if the program ignores it
             resource.setrlimit(what, (value, value + (1 if what == resource.RLIMIT_CPU else 0)))
     applied.append("rlimits")
+    if not LINUX:
+        return
     check(libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
     landlock([p for p, _ in CFG["ro"]] + (["/proc"] if "fresh-proc" in applied else []))
     seccomp()
@@ -335,8 +343,9 @@ def supervise():
         os.waitpid(c, 0)
         os._exit(0)
     # C, the supervisor; PID 1 when a PID namespace was granted
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-    libc.prctl(4, 0, 0, 0, 0)  # not dumpable: the program may not read our memory
+    if LINUX:
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(4, 0, 0, 0, 0)  # not dumpable: the program may not read our memory
     os.umask(0o022)
     report = {}
     try:
