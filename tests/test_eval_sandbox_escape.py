@@ -397,6 +397,10 @@ libc = ctypes.CDLL(None, use_errno=True)
 fd = libc.socket(2, 1, 0)
 addr = struct.pack("=H", 2) + struct.pack(">H", {tcp.getsockname()[1]}) + bytes([127, 0, 0, 1]) + bytes(8)
 print("socket", fd, "connect", libc.connect(fd, addr, len(addr)) if fd >= 0 else None)
+os.symlink({str(tmp_path)!r}, "link")  # left for the clean-up, which must not follow it
+os.mkdir("locked")
+open("locked/f", "w").close()
+os.chmod("locked", 0)
 """
     try:
         for no_landlock in (False, True):
@@ -419,5 +423,6 @@ print("socket", fd, "connect", libc.connect(fd, addr, len(addr)) if fd >= 0 else
                 assert token not in out["output"]
             if not no_landlock:  # without Landlock, files anyone may write to are writable
                 assert victim.read_text() == "original" and not (tmp_path / "new.txt").exists()
+            assert os.stat(tmp_path).st_mode & 0o777 == 0o777
     finally:
         tcp.close()

@@ -525,10 +525,12 @@ def _remove(base: str) -> None:
     # The program may have left directories without write or search permission.
     for top, dirs, _ in os.walk(base):
         for d in dirs:
-            try:
-                os.chmod(os.path.join(top, d), 0o700, follow_symlinks=False)
-            except OSError:
-                pass
+            path = os.path.join(top, d)
+            if not os.path.islink(path):  # never change what a link made by the program points to
+                try:
+                    os.chmod(path, 0o700)
+                except OSError:
+                    pass
     shutil.rmtree(base, ignore_errors=True)
 
 
