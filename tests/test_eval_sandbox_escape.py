@@ -40,6 +40,34 @@ def helper():
     proc.wait()
 
 
+# Calls run_program from a process of its own, optionally under a seccomp filter that refuses what
+# some kernels and containers refuse (namespaces, Landlock), to check the sandbox degrades without
+# claiming more.
+_CALLER = r'''
+import ctypes, importlib.util, json, os, platform, struct, sys
+cfg = json.loads(sys.argv[1])
+nrs = {"x86_64": {"unshare": 272}, "aarch64": {"unshare": 97}}[platform.machine()]
+deny = ([(nrs["unshare"], 1)] if cfg["no_namespaces"] else []) + ([(444, 38), (445, 38), (446, 38)]
+                                                                   if cfg["no_landlock"] else [])
+ins = [struct.pack("HBBI", 0x20, 0, 0, 0)]
+for nr, errno in deny:
+    ins += [struct.pack("HBBI", 0x15, 0, 1, nr), struct.pack("HBBI", 0x06, 0, 0, 0x00050000 | errno)]
+ins.append(struct.pack("HBBI", 0x06, 0, 0, 0x7fff0000))
+buf = ctypes.create_string_buffer(b"".join(ins))
+prog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(ins), ctypes.addressof(buf)))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = (ctypes.c_int,) + (ctypes.c_ulong,) * 4
+if deny:
+    assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.addressof(prog), 0, 0) == 0
+spec = importlib.util.spec_from_file_location("sandbox_under_test", cfg["module"])
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
+spec.loader.exec_module(mod)
+out = mod.run_program(cfg["source"], timeout=10, **({"drop_root_first": True} if cfg["drop_root_first"] else {}))
+print(json.dumps(out.to_dict()))
+'''
+
+
 @pytest.fixture
 def open_dir():
     """A directory anyone may write to, reachable by anyone (pytest's tmp_path is under a 0700 one)."""
@@ -102,6 +130,31 @@ for p in paths:
     assert token not in out.output
     assert "root:" not in out.output  # neither /etc/shadow nor /etc/passwd
     assert "def test_cannot_read_secrets_host_files_or_the_repo" not in out.output
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cannot_read_the_callers_environment(mode):
+    import json
+
+    import telechat.eval.sandbox as sandbox
+
+    token = "telechat-secret-" + secrets.token_hex(8)
+    source = """
+import os
+for pid in (os.getppid(), 1):
+    try:
+        print(pid, open(f"/proc/{pid}/environ", "rb").read())
+    except OSError as e:
+        print(pid, "refused:", e)
+"""
+    cfg = {"module": sandbox.__file__, "source": source, "drop_root_first": mode == "unprivileged",
+           "no_namespaces": False, "no_landlock": False}
+    res = subprocess.run([sys.executable, "-I", "-c", _CALLER, json.dumps(cfg)], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "TELECHAT_TEST_SECRET": token})
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.splitlines()[-1])
+    assert out["status"] == "passed", out["output"]
+    assert token not in out["output"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -341,31 +394,6 @@ def test_confinement_is_reported_and_matches_what_the_kernel_grants():
         assert "uid-65534" in out.confinement
 
 
-# Runs run_program under a seccomp filter of its own that refuses what some kernels and containers
-# refuse (namespaces, and optionally Landlock), to check the sandbox degrades without claiming more.
-_REFUSING = r'''
-import ctypes, importlib.util, json, os, platform, struct, sys
-cfg = json.loads(sys.argv[1])
-nrs = {"x86_64": {"unshare": 272}, "aarch64": {"unshare": 97}}[platform.machine()]
-deny = [(nrs["unshare"], 1)] + ([(444, 38), (445, 38), (446, 38)] if cfg["no_landlock"] else [])
-ins = [struct.pack("HBBI", 0x20, 0, 0, 0)]
-for nr, errno in deny:
-    ins += [struct.pack("HBBI", 0x15, 0, 1, nr), struct.pack("HBBI", 0x06, 0, 0, 0x00050000 | errno)]
-ins.append(struct.pack("HBBI", 0x06, 0, 0, 0x7fff0000))
-buf = ctypes.create_string_buffer(b"".join(ins))
-prog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(ins), ctypes.addressof(buf)))
-libc = ctypes.CDLL(None, use_errno=True)
-libc.prctl.argtypes = (ctypes.c_int,) + (ctypes.c_ulong,) * 4
-assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.addressof(prog), 0, 0) == 0
-spec = importlib.util.spec_from_file_location("sandbox_under_test", cfg["module"])
-mod = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = mod
-spec.loader.exec_module(mod)
-out = mod.run_program(cfg["source"], timeout=10, drop_root_first=cfg["drop_root_first"])
-print(json.dumps(out.to_dict()))
-'''
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_degrades_without_namespaces_and_claims_only_what_it_applied(open_dir, helper, mode):
     import json
@@ -405,8 +433,8 @@ os.chmod("locked", 0)
     try:
         for no_landlock in (False, True):
             cfg = {"module": sandbox.__file__, "source": source, "drop_root_first": mode == "unprivileged",
-                   "no_landlock": no_landlock}
-            res = subprocess.run([sys.executable, "-I", "-c", _REFUSING, json.dumps(cfg)], capture_output=True,
+                   "no_namespaces": True, "no_landlock": no_landlock}
+            res = subprocess.run([sys.executable, "-I", "-c", _CALLER, json.dumps(cfg)], capture_output=True,
                                  text=True, timeout=60)
             assert res.returncode == 0, res.stderr
             out = json.loads(res.stdout.splitlines()[-1])
