@@ -20,6 +20,7 @@ import pytest
 
 from telechat.eval.sandbox import run_program
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox's mechanisms are Linux's")
 MODES = ["as-is", "unprivileged"] if os.geteuid() == 0 else ["as-is"]
 
 

@@ -1,26 +1,31 @@
 """Run model-written Python in a confined child process.
 
-Each program runs in a fresh `python -I` set up by a trusted bootstrap (`_BOOT` below) before any
-program code runs. The bootstrap uses the kernel's mechanisms, each where the kernel allows it:
+Each program runs in a fresh `python -I` that a trusted bootstrap (`_BOOT` below) confines before
+any program code runs, with the kernel's mechanisms, each where the kernel grants it:
 - namespaces (user when not root, mount, PID, network, IPC, UTS): the program sees a private,
   read-only file tree holding only what the interpreter needs (/usr, /lib*, the Python prefixes,
-  /etc/ld.so.cache, a few /dev nodes, a fresh /proc of its own PID namespace) plus its temporary
-  working directory, the one writable place; no network; no other process;
-- when started as root, the program runs as an unprivileged uid (65534) with no capabilities;
-- Landlock (file access limited to the same paths, TCP and signals to outside the sandbox denied);
+  /etc/ld.so.cache, a few /dev nodes, a fresh /proc of its own PID namespace) and its working
+  directory, a size-bounded tmpfs and the one writable place; no network; no other process;
+- started as root, the program runs as uid 65534 (nobody); capabilities are dropped in any case;
+- Landlock: reads limited to the same paths, writes to the work dir; TCP, signals and abstract
+  sockets to outside the sandbox denied (as far as the kernel's Landlock version goes);
 - a seccomp filter: no fork/vfork/execve/clone of processes (threads are fine), no signals to
-  other processes, no ptrace, no sockets (only socketpair), no mount/unshare/setns/bpf/io_uring;
+  other processes (kill/tgkill/F_SETOWN), no ptrace, no sockets (only AF_UNIX socketpair), no
+  mount/unshare/setns/bpf/io_uring/keyctl;
 - rlimits (memory, CPU seconds, file size, open files, no core dumps), PR_SET_PDEATHSIG, and the
   parent kills the whole process group at the wall-clock timeout; in a PID namespace the kernel
   also kills every process of the namespace when its init (the bootstrap's supervisor) dies.
+Where the kernel refuses a mechanism (no user namespaces, an old kernel, a container's seccomp
+profile) the others still apply; `Outcome.confinement` and `sandbox_capabilities()` list what was
+actually applied, never more.
 
 The verdict comes from a supervisor process that the program never runs in: it reports the
-program's exit status and signal on a pipe the program does not hold. A program passes only when
-it exits with `FINISHED`, the status the bootstrap uses after the program ran to its end, so an
-early `sys.exit(0)`/`os._exit(0)` is a failure. Residual limit: a program that deliberately calls
-`os._exit(FINISHED)` (or defines an `__eq__` that always says True) is counted as passed; the
-sandbox confines programs, it cannot judge intent. `Outcome.confinement` and
-`sandbox_capabilities()` say which mechanisms were actually applied.
+program's exit status or signal on a pipe the program does not hold, never from the output. A
+program passes only when it exits with `FINISHED`, the status the bootstrap uses after the program
+ran to its end, so an early `sys.exit(0)`/`os._exit(0)` or `SystemExit(FINISHED)` is a failure.
+Residual limit: a program that deliberately calls `os._exit(FINISHED)` (or returns an object whose
+`__eq__` always says True) is counted as passed; the sandbox confines programs, it cannot judge
+intent.
 """
 from __future__ import annotations
 
