@@ -779,3 +779,47 @@ def test_packed_segments_equal_each_dialogue_alone():
     total = ce(packed[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
     alone = ce(la[0, :-1], a[1:], reduction="sum") + ce(lb[0, :-1], b[1:], reduction="sum")
     torch.testing.assert_close(total, alone, atol=1e-4, rtol=1e-5)
+
+
+def test_packed_segments_beyond_training_seqlen_equal_each_dialogue_alone():
+    """tiny: training_seqlen 32. Segments of 40 and 50 tokens are scaled (NTK base, mscale) for their
+    own length, a 12-token segment not at all; the packed length (110) must not leak into any of them.
+    Two rows, padding at the start, the middle and the end; the span-by-span attention builds no T x T mask."""
+    from telechat.model import PackedSegments
+
+    m = telechat.from_preset("tiny", seed=0).model.eval()
+    cfg = m.config
+    assert cfg.rope_scaling(40) != cfg.rope_scaling(110) != cfg.rope_scaling(12)
+    g = torch.Generator().manual_seed(1)
+    a, b, c, d = (torch.randint(4, 500, (n,), generator=g) for n in (40, 12, 50, 45))
+    row0 = torch.cat([torch.full((2,), 3), a, b, c, torch.full((6,), 3)])  # 110 tokens
+    row1 = torch.cat([d, torch.full((3,), 3), torch.randint(4, 500, (62,), generator=g)])
+    seg0 = torch.tensor([0] * 2 + [1] * 40 + [2] * 12 + [3] * 50 + [0] * 6)
+    seg1 = torch.tensor([1] * 45 + [0] * 3 + [2] * 62)
+    ids, seg = torch.stack([row0, row1]), torch.stack([seg0, seg1])
+    with torch.no_grad():
+        packed = m(ids, segment_ids=seg)
+        alone = {n: m(x[None])[0] for n, x in (("a", a), ("b", b), ("c", c), ("d", d), ("e", row1[48:]))}
+    torch.testing.assert_close(packed[0, 2:42], alone["a"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, 42:54], alone["b"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[0, 54:104], alone["c"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1, :45], alone["d"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1, 48:], alone["e"], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(packed).all()
+    p = PackedSegments(seg)
+    assert p.lengths[0, 2:42].eq(40).all() and p.lengths[0, 42:54].eq(12).all() and p.lengths[1, 48:].eq(62).all()
+    assert p.spans()[:3] == [(0, 0, 2, True), (0, 2, 42, False), (0, 42, 54, False)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention document mask runs on CUDA only")
+def test_packed_flex_attention_on_cuda_equals_span_attention():
+    from telechat.model import PackedSegments
+
+    g = torch.Generator().manual_seed(0)
+    seg = torch.tensor([[0] * 5 + [1] * 100 + [2] * 150 + [3] * 1 + [0] * 0, [1] * 200 + [0] * 56]).cuda()
+    q = torch.randn(2, 8, 256, 64, generator=g).cuda()
+    k, v = torch.randn(2, 2, 256, 64, generator=g).cuda(), torch.randn(2, 2, 256, 64, generator=g).cuda()
+    p = PackedSegments(seg)
+    flex = p.attend(q, k, v)
+    spans = PackedSegments(seg.cpu()).attend(q.cpu(), k.cpu(), v.cpu())
+    torch.testing.assert_close(flex.cpu(), spans, atol=2e-3, rtol=2e-3)

@@ -51,10 +51,13 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope_cos_sin(config: TeleChatConfig, positions: Tensor, total_len: int | list[int]) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(config: TeleChatConfig, positions: Tensor,
+                 total_len: int | list[int] | Tensor) -> tuple[Tensor, Tensor]:
     """cos/sin tables [..., T, head_dim] in fp32 for `positions`, scaled for a sequence of `total_len`.
 
-    Per-row positions [B, T] may come with one total length per row (a batch of unrelated sequences).
+    Per-row positions [B, T] may come with one total length per row (a batch of unrelated sequences),
+    or with a tensor of per-position lengths shaped like `positions` (packed samples: each token is
+    scaled for its own segment's length).
     """
     d = config.head_dim
     exponent = torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d
@@ -62,10 +65,15 @@ def rope_cos_sin(config: TeleChatConfig, positions: Tensor, total_len: int | lis
         base, mscale = config.rope_scaling(total_len)
         inv_freq = 1.0 / base ** exponent
     else:  # same arithmetic per distinct (base, mscale), so a row matches its single-sequence tables
-        scalings = [config.rope_scaling(n) for n in total_len]
+        if isinstance(total_len, Tensor):
+            lengths, index = torch.unique(total_len, return_inverse=True)
+            scalings = [config.rope_scaling(int(n)) for n in lengths.tolist()]
+        else:
+            scalings = [config.rope_scaling(n) for n in total_len]
+            index = torch.arange(len(scalings), device=positions.device)[:, None]  # [B, 1]
         tables = {s: 1.0 / s[0] ** exponent for s in set(scalings)}
-        inv_freq = torch.stack([tables[s] for s in scalings])[:, None]  # [B, 1, d/2]
-        mscale = torch.tensor([s[1] for s in scalings], device=positions.device)[:, None, None]
+        inv_freq = torch.stack([tables[s] for s in scalings])[index]  # [B, 1 or T, d/2]
+        mscale = torch.tensor([s[1] for s in scalings], device=positions.device)[index][..., None]
     theta = positions.float()[..., None] * inv_freq
     emb = torch.cat((theta, theta), dim=-1)
     return emb.cos() * mscale, emb.sin() * mscale
@@ -139,10 +147,13 @@ class Attention(nn.Module):
         if self.cache is not None and input_pos is not None:
             k, v = self.cache.update(input_pos, k, v)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        gqa = {"enable_gqa": True} if self.n_kv != self.n_head else {}
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, **gqa)
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, PackedSegments):
+            y = mask.attend(q, k, v, dropout)
+        else:
+            gqa = {"enable_gqa": True} if self.n_kv != self.n_head else {}
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=dropout, **gqa)
         return self.dense(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -195,11 +206,11 @@ class Transformer(nn.Module):
         segment_ids [B, T] (packed training samples): each segment attends only within itself and
         its positions start at 0, as if it were alone; 0 marks padding."""
         B, T = input_ids.shape
-        packed_mask = None
+        packed = None
         if segment_ids is not None:
-            input_pos, packed_mask = packed_positions_and_mask(segment_ids)
-            kv_len, cached = T, None
-            rope = rope_cos_sin(self.config, input_pos, T)
+            packed = PackedSegments(segment_ids)
+            input_pos, kv_len, cached = packed.positions, T, None
+            rope = rope_cos_sin(self.config, input_pos, packed.lengths)  # each segment scaled for its own length
         elif input_pos is None:
             input_pos, kv_len, cached = torch.arange(T, device=input_ids.device), T, None
         else:
@@ -217,7 +228,7 @@ class Transformer(nn.Module):
         if self.config.embed_layernorm:
             h = self.word_embeddings_layernorm(h)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
-        mask = packed_mask if packed_mask is not None else build_mask(input_pos, kv_len, attention_mask)
+        mask = packed if packed is not None else build_mask(input_pos, kv_len, attention_mask)
         for i, block in enumerate(self.h):
             last = last_only and i == len(self.h) - 1
             if self.gradient_checkpointing and self.training:
@@ -304,18 +315,82 @@ class TeleChat(nn.Module):
         return chat(self, tokenizer, question, history, generation_config=generation_config, stream=stream, **kwargs)
 
 
-def packed_positions_and_mask(segment_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Positions [B, T] restarting at 0 in each segment, and the block-diagonal causal mask
-    [B, 1, T, T] (a token always sees itself, so padding rows never go all -inf)."""
-    T = segment_ids.shape[1]
-    idx = torch.arange(T, device=segment_ids.device)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    # position = index - index of the segment's first token (a running max of start indices)
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = (same & (idx[None, :] <= idx[:, None])) | torch.eye(T, dtype=torch.bool, device=idx.device)
-    return idx - first, mask[:, None]
+class PackedSegments:
+    """Packed training samples (`segment_ids` [B, T], 0 = padding) as attention sees them.
+
+    Each segment attends causally within itself with positions from 0, as if it were alone; a
+    padding token sees only itself. No [T, T] mask is built: on CUDA FlexAttention runs a document
+    block mask, elsewhere SDPA runs once per segment.
+    """
+
+    def __init__(self, segment_ids: Tensor):
+        self.ids = segment_ids
+        B, T = segment_ids.shape
+        idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        ends = torch.ones_like(starts)
+        ends[:, :-1] = starts[:, 1:]
+        first = torch.where(starts, idx, 0).cummax(1).values
+        last = torch.where(ends, idx, T).flip(1).cummin(1).values.flip(1)
+        self.positions = idx - first
+        self.lengths = last - first + 1
+        self._starts = starts
+        self._block_mask = None
+
+    def spans(self) -> list[tuple[int, int, int, bool]]:
+        """(row, start, stop, is_padding) of every segment, in order."""
+        rows, cols = self._starts.nonzero(as_tuple=True)
+        lengths = self.lengths[rows, cols]
+        pad = self.ids[rows, cols] == 0
+        return [(r, c, c + n, p) for r, c, n, p in zip(rows.tolist(), cols.tolist(), lengths.tolist(), pad.tolist())]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
+        """Attention output [B, n_head, T, d] for q [B, n_head, T, d] and k, v [B, n_kv, T, d]."""
+        if q.is_cuda and dropout == 0.0:
+            return flex_document_attention(q, k, v, self)
+        group = q.shape[1] // k.shape[1]
+        gqa = {"enable_gqa": True} if group > 1 else {}
+        y = torch.empty_like(q)
+        for b, s, e, pad in self.spans():
+            if pad:  # a padding token attends to itself only: its own value
+                y[b, :, s:e] = v[b, :, s:e].repeat_interleave(group, dim=0)
+            else:
+                y[b, :, s:e] = F.scaled_dot_product_attention(q[b, :, s:e], k[b, :, s:e], v[b, :, s:e],
+                                                              is_causal=True, dropout_p=dropout, **gqa)
+        return y
+
+    def block_mask(self):
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            ids = self.ids
+
+            def document_causal(b, h, q, kv):
+                same = (ids[b, q] == ids[b, kv]) & (ids[b, q] != 0) & (kv <= q)
+                return same | (q == kv)
+
+            B, T = ids.shape
+            self._block_mask = create_block_mask(document_causal, B, None, T, T, device=ids.device)
+        return self._block_mask
+
+
+_flex_attention = None
+
+
+def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedSegments) -> Tensor:
+    """FlexAttention (compiled once per process) over the packed samples' document block mask."""
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_attention = torch.compile(flex_attention, dynamic=False)
+    if torch.is_autocast_enabled(q.device.type):  # autocast does not cover flex_attention: cast as it would
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    else:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    return _flex_attention(q, k, v, block_mask=packed.block_mask(), enable_gqa=q.shape[1] != k.shape[1])
 
 
 def build_mask(input_pos: Tensor, kv_len: int, attention_mask: Tensor | None) -> Tensor | None:

@@ -10,6 +10,8 @@ in the tests):
   int4pack  torch's tinygemm int4 kernels (_weight_int4pack_mm_for_cpu, _weight_int4pack_mm on
             CUDA), bf16 activations. The default on CUDA.
   int8pack  torch._weight_int8pack_mm (CPU), once per group, bf16 activations.
+  triton    telechat's Triton kernel (triton_kernels.py) on the rows layout, dequantizing tile by
+            tile in registers: int8 on CUDA, and int4 where tinygemm does not take the shape.
 
 The packed paths keep the kernel's own copy of the codes beside the rows layout.
 """
@@ -19,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, triton_kernels
 from .format import QUANTIZED_MODULES, QuantConfig, QuantizedWeight, dequantize, pack, unpack
 
-KERNELS = ("auto", "native", "packed", "dequant")
+KERNELS = ("auto", "native", "packed", "triton", "dequant")
 _INT4_GROUP_SIZES = (32, 64, 128, 256)
 _PACKED = ("_w", "_s", "_zcorr")
 
@@ -145,6 +147,10 @@ class QuantLinear(nn.Module):
         device = self.qrows.device
         if kernel == "packed" or (kernel == "auto" and device.type == "cuda"):
             self.path = (self._int4pack() if self.bits == 4 else self._int8pack()) or self.path
+        if self.path == "dequant" and (kernel == "triton" or (kernel == "auto" and device.type == "cuda")) \
+                and triton_kernels.supports(self.bits, self.in_features, self.group_size) \
+                and triton_kernels.available():
+            self.path = "triton"
         if self.path == "dequant" and kernel in ("auto", "native") and device.type == "cpu" \
                 and kernels.supports(self.bits, self.in_features, self.out_features, self.group_size) \
                 and kernels.available():
@@ -211,6 +217,9 @@ class QuantLinear(nn.Module):
             y = self._int4_mm(self._in_group_order(x).to(torch.bfloat16).contiguous())
         elif self.path == "int8pack":
             y = self._int8_mm(self._in_group_order(x).to(torch.bfloat16))
+        elif self.path == "triton":
+            y = triton_kernels.gptq_mm(self._in_group_order(x), self.qrows, self.srows, self.zrows, self.bits,
+                                       self.group_size)
         elif self.in_rows:
             return F.linear(self._in_group_order(x, flat=False), self._weight_in_group_order(x.dtype), self.bias)
         else:
