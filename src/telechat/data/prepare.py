@@ -107,11 +107,13 @@ def read_lines(path: str | Path, max_bytes: int):
                         break
                 yield n, None, size
                 continue
-            raw = raw.rstrip(b"\r\n")
-            if len(raw) > max_bytes:
-                yield n, None, len(raw)
-            elif raw.strip():
-                yield n, raw, len(raw)
+            held = [raw.rstrip(b"\r\n")]
+            del raw
+            size = len(held[0])
+            if size > max_bytes:
+                yield n, None, size
+            elif held[0].strip():
+                yield n, held.pop(), size  # this suspended frame keeps no reference to the line
 
 
 def _too_large(size: int, max_bytes: int, what: str = "line") -> str:
@@ -249,13 +251,10 @@ def _sft_worker(task):
     return out
 
 
-def encode_long(tok: Tokenizer, text: str, end_id: int | None = None) -> np.ndarray:
-    """tok.encode(text) (+ end_id) as int32, a long text in pieces of about PIECE_CHARS cut before
-    a space (where SentencePiece and byte-level BPE split words anyway), so the tokenizer's own
-    working memory stays small whatever the document's length."""
-    tail = [] if end_id is None else [end_id]
-    if len(text) <= PIECE_CHARS:
-        return np.asarray(tok.encode(text) + tail, np.int32)
+def _encode_pieces(tok: Tokenizer, text: str, end_id: int | None) -> list[np.ndarray]:
+    """tok.encode(text) (+ end_id) as int32 arrays, a long text in pieces of about PIECE_CHARS cut
+    before a space (where SentencePiece and byte-level BPE split words anyway), so the tokenizer's
+    own working memory stays small whatever the document's length."""
     parts, start = [], 0
     while start < len(text):
         end = start + PIECE_CHARS
@@ -267,16 +266,23 @@ def encode_long(tok: Tokenizer, text: str, end_id: int | None = None) -> np.ndar
                 end = cut
         parts.append(np.asarray(tok.encode(text[start:end]), np.int32))
         start = end
-    parts.append(np.asarray(tail, np.int32))
-    return np.concatenate(parts)
+    if end_id is not None:
+        parts.append(np.asarray([end_id], np.int32))
+    return parts
+
+
+def encode_long(tok: Tokenizer, text: str, end_id: int | None = None) -> np.ndarray:
+    """tok.encode(text) (+ end_id) as one int32 array, a long text tokenized in pieces."""
+    parts = _encode_pieces(tok, text, end_id)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
 def _text_worker(task):
-    """[(where, ids + <_end> | "reason: detail")] for a chunk of (where, document text)."""
+    """[(where, [int32 pieces of ids + <_end>] | "reason: detail")] for a chunk of (where, text)."""
     out = []
     for where, text in task:
         try:
-            out.append((where, encode_long(_TOKENIZER, text, _TOKENIZER.eos_id)))
+            out.append((where, _encode_pieces(_TOKENIZER, text, _TOKENIZER.eos_id)))
         except Exception as e:  # a tokenizer failing on odd text: that document only
             out.append((where, f"tokenizer_error: {type(e).__name__}: {e}"))
     return out
@@ -507,14 +513,18 @@ def _documents(files: list[Path], text_field: str | None, skips: _Skips, cap: in
                     skips.add("too_large", where, _too_large(size, cap).partition(": ")[2])
                     continue
                 try:
-                    rec = _json(raw.decode("utf-8"))
-                    raw = None  # not held while the text is tokenized
+                    text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     skips.add("bad_encoding", where, f"{e.reason} at byte {e.start}")
                     continue
+                raw = None  # only one copy of a long line at a time
+                try:
+                    rec = _json(text)
                 except ValueError as e:
                     skips.add("invalid_json", where, str(e).partition(": ")[2])
                     continue
+                finally:
+                    text = None
                 text = next((rec[k] for k in fields if isinstance(rec, dict) and isinstance(rec.get(k), str)), None)
                 if text is None:
                     skips.add("missing_field", where, f"no string field {' / '.join(fields)}")
@@ -586,7 +596,7 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer: str | Path, max_seq_le
     t0 = time.perf_counter()
     skips = _Skips.new()
     tasks = _tasks(_documents(files, text_field, skips, cap), lambda item: len(item[1]))
-    encoded = []  # token ids only: the texts are not kept
+    encoded, lengths = [], []  # token ids only (in pieces, as tokenized): the texts are not kept
     for results in _map(_text_worker, tasks, tok, str(tokenizer), num_workers):
         for where, res in results:
             if isinstance(res, str):
@@ -594,10 +604,12 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer: str | Path, max_seq_le
                 skips.add(reason, where, detail)
             else:
                 encoded.append(res)
+                lengths.append(sum(len(p) for p in res))
+    results = res = None  # encoded holds the only reference: blocks free pieces as they copy them
     names = ", ".join(map(str, inputs))
     if not encoded:
         raise DataError(f"no documents in {names}: {json.dumps(skips.as_dict(), ensure_ascii=False)}")
-    lengths = np.array([len(a) for a in encoded], np.int64)
+    lengths = np.array(lengths, np.int64)
     if lengths.sum() < max_seq_len:
         raise DataError(f"{names}: {len(encoded)} documents make {int(lengths.sum())} tokens (each with <_end>), "
                         f"fewer than max_seq_len {max_seq_len}: not enough for one block; add data or lower "
@@ -622,22 +634,29 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer: str | Path, max_seq_le
         idx = np.nonzero(sel)[0]
         tokens = int(lengths[idx].sum())
         n = tokens // max_seq_len
+        # np.empty pages become resident only as they are written, and each piece is freed once copied
         flat = np.empty(n * max_seq_len, np.int32)
         seg = np.empty(n * max_seq_len, np.uint16)  # document k of the block, from 1
         pos, first = 0, 0  # first: the split's document number that the current block starts with
         for k, i in enumerate(idx):
-            take = min(len(encoded[i]), len(flat) - pos)
-            if take > 0:
-                flat[pos:pos + take] = encoded[i][:take]
-                block_end = (pos // max_seq_len + 1) * max_seq_len
-                if pos % max_seq_len == 0:
-                    first = k
-                seg[pos:min(block_end, pos + take)] = k - first + 1
-                if pos + take > block_end:  # runs on into blocks that it starts
-                    seg[block_end:pos + take] = 1
-                    first = k
-                pos += take
-            encoded[i] = None  # each document is in one split: free it as it is copied
+            pieces, encoded[i] = encoded[i][::-1], None  # each document is in one split
+            take = min(int(lengths[i]), len(flat) - pos)
+            if take <= 0:
+                continue
+            block_end = (pos // max_seq_len + 1) * max_seq_len
+            if pos % max_seq_len == 0:
+                first = k
+            seg[pos:min(block_end, pos + take)] = k - first + 1
+            if pos + take > block_end:  # runs on into blocks that it starts
+                seg[block_end:pos + take] = 1
+                first = k
+            end = pos + take
+            while pieces and pos < end:
+                piece = pieces.pop()
+                m = min(len(piece), end - pos)
+                flat[pos:pos + m] = piece[:m]
+                pos += m
+            del pieces
         splits[name] = {"input_ids": flat.reshape(n, max_seq_len), "segment_ids": seg.reshape(n, max_seq_len)}
         manifest_splits[name] = {"documents": len(idx), "tokens": tokens, "blocks": n,
                                  "dropped_tail_tokens": tokens - n * max_seq_len}
