@@ -566,7 +566,8 @@ def _check_inputs(files) -> list[Path]:
     return files
 
 
-def read_documents(files: list[str | Path], text_field: str | None, skips: _Skips, max_line_bytes: int | None = None):
+def read_documents(files: list[str | Path], text_field: str | None, skips: _Skips,
+                   max_line_bytes: int | None = None):
     """Documents of .jsonl files (the `text_field`, default "data" then "text") and plain-text files
     (one document per file); lines or files over `max_line_bytes` are skipped as too_large."""
     cap = _line_cap(max_line_bytes, "pretrain", 0)
@@ -620,12 +621,14 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer: str | Path, max_seq_le
     if is_val.all():
         is_val[0] = False
     warnings, moved = [], 0
-    if lengths[~is_val].sum() < max_seq_len:  # training needs one block: take the longest val documents
+    train_tokens = int(lengths[~is_val].sum())
+    if train_tokens < max_seq_len:  # training needs one block: take the longest val documents
         val_idx = np.nonzero(is_val)[0]
         for i in val_idx[np.argsort(-lengths[val_idx], kind="stable")]:
             is_val[i] = False
             moved += 1
-            if lengths[~is_val].sum() >= max_seq_len:
+            train_tokens += int(lengths[i])
+            if train_tokens >= max_seq_len:
                 break
         warnings.append(f"moved {moved} documents from validation to training, which had fewer than "
                         f"max_seq_len {max_seq_len} tokens (not one block)")
