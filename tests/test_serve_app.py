@@ -856,25 +856,38 @@ def test_default_model_concurrent_streams_match_single(default_llm):
 
 
 # ---- one request's trouble stays its own ---------------------------------------------------------
-def test_a_failing_request_does_not_fail_the_others(client, server):
+def test_a_failing_request_does_not_fail_the_others(client, server, monkeypatch):
+    import telechat.serve.engine as engine_mod
+
     body = {"model": MODEL, "messages": [{"role": "user", "content": Q}], "max_tokens": 40, "temperature": 0}
     alone = chat(client, max_tokens=40)["choices"][0]["message"]["content"]
+    real = engine_mod.next_token
+
+    def failing(logits, p, generator):  # a sampler failure (say, a device error) for one request only
+        if p.temperature == 0.777:
+            raise RuntimeError("sampling blew up")
+        return real(logits, p, generator)
+
+    monkeypatch.setattr(engine_mod, "next_token", failing)
 
     def good():
         with httpx.Client(base_url=server, timeout=60) as c:
             return c.post("/v1/chat/completions", json=body).json()
 
-    def bad():  # repetition_penalty near zero with sampling overflows the logits: sampling fails
+    def bad():
         with httpx.Client(base_url=server, timeout=60) as c:
-            return c.post("/v1/chat/completions", json={**body, "temperature": 1.0, "repetition_penalty": 1e-45})
+            return c.post("/v1/chat/completions", json={**body, "temperature": 0.777})
 
     with ThreadPoolExecutor(2) as pool:
         g, b = pool.submit(good), pool.submit(bad)
         got, failed = g.result(), b.result()
     assert got["choices"][0]["message"]["content"] == alone
-    assert failed.status_code in (200, 500)  # a stream of errors or a 500, in OpenAI's shape
-    if failed.status_code == 500:
-        assert set(failed.json()["error"]) == {"message", "type", "param", "code"}
+    assert failed.status_code == 500  # a server fault, in OpenAI's shape
+    assert set(failed.json()["error"]) == {"message", "type", "param", "code"}
+    assert "sampling blew up" in failed.json()["error"]["message"]
+    # settings that would overflow the logits are refused up front
+    r = client.post("/v1/chat/completions", json={**body, "temperature": 1.0, "repetition_penalty": 1e-45})
+    assert_openai_error(r, 400, "repetition_penalty")
     # a temperature too small to divide by is greedy decoding
     tiny = chat(client, max_tokens=40, temperature=1e-45)
     assert tiny["choices"][0]["message"]["content"] == alone

@@ -6,8 +6,10 @@ import asyncio
 import base64
 import hmac
 import json
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -58,15 +60,37 @@ class TextStream:
 class Server:
     """What the routes share: the model, its engine, the served name and limits."""
 
-    def __init__(self, llm: LLM, engine: Engine, model_name: str, api_key: str | None, max_body_bytes: int):
+    def __init__(self, llm: LLM, engine: Engine, model_name: str, api_key: str | None, max_body_bytes: int,
+                 body_timeout: float = 60.0):
         if llm.tokenizer is None:
             raise ValueError(f"{llm.path}: serving needs a tokenizer, and this checkpoint folder has none")
         self.llm, self.engine, self.model_name = llm, engine, model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.context = min(engine.max_model_len, int(llm.generation_config.get("max_length") or llm.config.seq_length))
         self.metrics = Metrics(engine)
         self.created = int(time.time())
+        self.chars_per_token = longest_token_chars(llm.tokenizer)
+        self.pool: ThreadPoolExecutor | None = None
+
+    # ---- work off the event loop -------------------------------------------------------------
+    async def run(self, fn, *args):
+        """`fn(*args)` in the request worker threads: parsing and tokenizing a large body must not stall
+        the event loop (other streams, /health)."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                           thread_name_prefix="telechat-request")
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def min_tokens(self, text: str) -> int:
+        """A cheap lower bound on the tokens `text` encodes to, without tokenizing it."""
+        return min_tokens(text, self.chars_per_token)
 
     # ---- shared helpers ----------------------------------------------------------------------
     def parse(self, raw: bytes, model):
@@ -183,13 +207,15 @@ async def _until_done_or_gone(request: Request, coro):
 
 def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None = None, max_concurrency: int = 8,
                max_queue: int = 64, max_model_len: int | None = None, max_body_bytes: int = 2 * 1024 * 1024,
-               engine: Engine | None = None) -> FastAPI:
-    """The FastAPI app; its engine starts and stops with the app's lifespan."""
+               engine: Engine | None = None, body_timeout: float = 60.0) -> FastAPI:
+    """The FastAPI app; its engine starts and stops with the app's lifespan.
+
+    `body_timeout`: seconds a client has to send a request body once its headers are in (else 408)."""
     if engine is None:
         engine = Engine(llm.model, max_concurrency=max_concurrency, max_queue=max_queue,
                         max_model_len=max_model_len or llm.config.seq_length)
     name = model_name or (llm.path.name if llm.path else "telechat")
-    srv = Server(llm, engine, name, api_key, max_body_bytes)
+    srv = Server(llm, engine, name, api_key, max_body_bytes, body_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -198,6 +224,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
             yield
         finally:
             engine.stop()
+            srv.close()
 
     app = FastAPI(title="telechat", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = srv
@@ -255,8 +282,8 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
     # ---- OpenAI: chat and text completions -----------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req, stops = srv.parse(await request.body(), ChatCompletionRequest)
-        ids = _chat_prompt(srv, req)
+        raw = await request.body()
+        req, stops, ids = await srv.run(_chat_job, srv, raw)
         jobs = [(ids, srv.sampling(req, len(ids), i)) for i in range(req.n)]
         streams = srv.open_streams(jobs)
         meta = {"id": _gen_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
@@ -271,8 +298,8 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req, stops = srv.parse(await request.body(), CompletionRequest)
-        prompts = _completion_prompts(srv, req)
+        raw = await request.body()
+        req, stops, prompts = await srv.run(_completion_job, srv, raw)
         jobs = [(ids, srv.sampling(req, len(ids), j)) for ids in prompts for j in range(req.n)]
         streams = srv.open_streams(jobs)
         prompt_tokens = sum(len(ids) for ids in prompts)
@@ -289,17 +316,13 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
         return {**meta, "choices": choices, "usage": _usage(prompt_tokens, results)}
 
     # ---- TeleChat's published endpoints (spec section 5) ---------------------------------------
-    def telechat_job(raw: bytes):
-        question, history, s = parse_telechat(raw)
-        ctx = min(s["max_length"], srv.context)
-        try:
-            ids = _chat.encode_conversation(srv.llm.tokenizer, question, history,
-                                            max_length=max(3, ctx - min(1024, ctx // 2)))
-        except ValueError as e:
-            raise TeleChatError("10903", str(e), 500) from None
-        params = srv.llm.sampling_params(max_new_tokens=max(1, ctx - len(ids)), do_sample=s["do_sample"],
-                                         temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                         repetition_penalty=s["repetition_penalty"])
+    async def telechat_job(raw: bytes):
+        ids, ctx, s = await srv.run(_telechat_prompt, srv, raw)
+        # below 1e-5 a temperature overflows the logits: greedy, as on the OpenAI endpoints
+        sample = s["do_sample"] and s["temperature"] >= 1e-5
+        params = srv.llm.sampling_params(max_new_tokens=max(1, ctx - len(ids)), do_sample=sample,
+                                         temperature=s["temperature"] if sample else None, top_k=s["top_k"],
+                                         top_p=s["top_p"], repetition_penalty=s["repetition_penalty"])
         try:
             return srv.open_streams([(ids, params)])[0]
         except APIError as e:
@@ -308,7 +331,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
 
     @app.post("/telechat/gptDialog/v2")
     async def gpt_dialog_v2(request: Request):
-        stream = telechat_job(await request.body())
+        stream = await telechat_job(await request.body())
 
         async def body():
             try:
@@ -322,7 +345,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
 
     @app.post("/telechat/gptDialog/v4")
     async def gpt_dialog_v4(request: Request):
-        stream = telechat_job(await request.body())
+        stream = await telechat_job(await request.body())
         try:
             (text, _, _), = await _until_done_or_gone(request, _collect(srv, [stream], []))
         except APIError as e:
@@ -348,6 +371,84 @@ class _TeleChatBusy(Exception):
 def _model_card(srv: Server) -> dict:
     return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "telechat",
             "max_model_len": srv.context}
+
+
+# ---- prompt size before tokenizing ---------------------------------------------------------------
+# Characters a tokenizer's normalization may drop or merge away (besides whitespace runs): C0/C1 controls
+# and zero-width marks. They are not counted in the lower bound.
+_UNCOUNTED = dict.fromkeys([*range(0x20), 0x7f, *range(0x80, 0xa0), 0xad, 0x200b, 0x200c, 0x200d, 0x2060, 0xfeff])
+# Unicode normalization (NFKC) may compose a few characters into one (e.g. Hangul jamo 3 -> 1).
+_NORMALIZE_SHRINK = 4
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters of text one token of `tokenizer` stands for (an upper bound)."""
+    if getattr(tokenizer, "sp", None) is not None:
+        pieces = tokenizer.sp.id_to_piece(list(range(tokenizer.vocab_size)))
+    elif getattr(tokenizer, "hf", None) is not None:  # byte-level pieces: one symbol per byte, >= one per char
+        pieces = list(tokenizer.hf.get_vocab(with_added_tokens=True))
+    else:
+        pieces = [tokenizer.id_to_token(i) or "" for i in range(len(tokenizer))]
+    return max(1, max((len(p) for p in pieces), default=1))
+
+
+def min_tokens(text: str, chars_per_token: int) -> int:
+    """A lower bound on the tokens `text` encodes to: its visible characters over the most any token
+    covers (with room for normalization), found in C-speed string passes instead of a tokenizer run."""
+    visible = len("".join(text.translate(_UNCOUNTED).split()))
+    return visible // (chars_per_token * _NORMALIZE_SHRINK)
+
+
+def _too_long(srv: Server, bound: int, param: str) -> APIError:
+    return APIError(400, f"This model's maximum context length is {srv.context} tokens, and the prompt alone is at "
+                         f"least {bound} tokens", param, "context_length_exceeded")
+
+
+def _chat_job(srv: Server, raw: bytes):
+    """(request, stop strings, prompt ids) of a chat completion body (runs in a worker thread)."""
+    req, stops = srv.parse(raw, ChatCompletionRequest)
+    bound = sum(srv.min_tokens(m.text()) for m in req.messages)
+    if bound >= srv.context:
+        raise _too_long(srv, bound, "messages")
+    return req, stops, _chat_prompt(srv, req)
+
+
+def _completion_job(srv: Server, raw: bytes):
+    req, stops = srv.parse(raw, CompletionRequest)
+    return req, stops, _completion_prompts(srv, req)
+
+
+def _telechat_prompt(srv: Server, raw: bytes) -> tuple[list[int], int, dict]:
+    """(prompt ids, context, settings) of a gptDialog body. These endpoints keep the newest question and
+    turns that fit, so text that cannot fit is cut before tokenizing (same ids, without the wait)."""
+    question, history, s = parse_telechat(raw)
+    ctx = min(s["max_length"], srv.context)
+    budget = max(3, ctx - min(1024, ctx // 2))
+    question = _keep_tail(question, budget, srv.chars_per_token)
+    # History turns go newest first until one does not fit; drop those that surely would not.
+    used = srv.min_tokens(question)
+    cut = len(history)
+    for i in range(len(history) - 2, -1, -2):  # (user, bot) pairs, validated by parse_telechat
+        used += srv.min_tokens(history[i]["content"]) + srv.min_tokens(history[i + 1]["content"])
+        if used > budget:
+            break
+        cut = i
+    history = history[cut:]
+    try:
+        ids = _chat.encode_conversation(srv.llm.tokenizer, question, history, max_length=budget)
+    except ValueError as e:
+        raise TeleChatError("10903", str(e), 500) from None
+    return ids, ctx, s
+
+
+def _keep_tail(text: str, max_tokens: int, chars_per_token: int) -> str:
+    """The end of `text`, long enough to encode to more than `max_tokens` tokens whatever their size."""
+    n = (max_tokens + 1) * chars_per_token * _NORMALIZE_SHRINK
+    while n < len(text):
+        if min_tokens(text[-n:], chars_per_token) > max_tokens:
+            return text[-n:]  # its first tokens may differ from the whole text's, but they are cut off anyway
+        n *= 2
+    return text
 
 
 def _chat_prompt(srv: Server, req: ChatCompletionRequest) -> list[int]:
@@ -383,6 +484,9 @@ def _completion_prompts(srv: Server, req: CompletionRequest) -> list[list[int]]:
     if len(prompts) * req.n > srv.engine.max_concurrency + srv.engine.max_queue:
         raise APIError(400, f"{len(prompts)} prompts x n={req.n} is more than this server queues at once "
                             f"({srv.engine.max_concurrency + srv.engine.max_queue})", "prompt")
+    for x in prompts:
+        if isinstance(x, str) and (bound := srv.min_tokens(x)) >= srv.context:
+            raise _too_long(srv, bound, "prompt")
     out = []
     vocab = srv.llm.config.vocab_size
     for i, x in enumerate(prompts):
@@ -512,7 +616,12 @@ class _Guard:
                              {"WWW-Authenticate": 'Basic realm="telechat"' if page else "Bearer"})
                 return await _error_response(e)(scope, receive, send_counted)
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                body, too_big = await self._read_body(scope, receive)
+                try:
+                    body, too_big = await asyncio.wait_for(self._read_body(scope, receive), self.srv.body_timeout)
+                except asyncio.TimeoutError:  # a slow client must not hold a connection and a task for ever
+                    e = APIError(408, f"the request body did not arrive within {self.srv.body_timeout:g} s", None,
+                                 "request_timeout", headers={"Connection": "close"})
+                    return await _error_response(e)(scope, receive, send_counted)
                 if too_big:
                     e = APIError(413, f"request body is larger than the limit of {self.srv.max_body_bytes} bytes",
                                  None, "request_too_large")

@@ -375,8 +375,8 @@ class Engine:
                     history = torch.tensor([s.prompt + s.tokens], device=self.device)
                     picked[i] = int(next_token(process_logits(logits[i:i + 1], history, s.params), s.params,
                                                s.generator)[0])
-                except RuntimeError as e:
-                    failed[i] = f"sampling failed: {e}"
+                except Exception as e:  # noqa: BLE001 (any error here is this row's alone)
+                    failed[i] = f"sampling failed: {type(e).__name__}: {e}"
         now = time.perf_counter()
         self.stats._generated(len(rows))
         for i, s in enumerate(rows):

@@ -6,6 +6,7 @@ where a float is meant (`"temperature": 1`). Unknown fields are ignored, as Open
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +17,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str | None = None, headers: dict | None = None):
+        message, param = _text(message), None if param is None else _text(param)
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
@@ -23,6 +25,11 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _text(s: str) -> str:
+    """`s` as text that encodes to UTF-8 (an error message may quote client input)."""
+    return s.encode("utf-8", "replace").decode("utf-8")
 
 
 class _Strict(BaseModel):
@@ -55,7 +62,8 @@ class _Sampling(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # extension (vLLM convention: -1 or 0 = off)
-    repetition_penalty: float | None = Field(None, gt=0)  # extension
+    # extension; the range keeps penalized logits finite in fp32 (1e-45 made them inf, then NaN)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
     n: int = Field(1, ge=1, le=16)
@@ -93,14 +101,79 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+class BodyError(ValueError):
+    """A request body that is not strict JSON text (the message says why; `param` is the field, if one)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _no_constant(name: str):
+    raise BodyError(f"{name} is not a JSON number")
+
+
+def load_json(raw: bytes):
+    """Strict JSON from request bytes: UTF-8, no NaN/Infinity, integers within Python's digit limit,
+    no lone UTF-16 surrogates in any string or key. BodyError says what is wrong (and where)."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except BodyError as e:
+        raise BodyError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BodyError("request body is nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise BodyError(f"request body is not valid JSON: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise BodyError(f"request body is not valid JSON: {e}") from None
+    except ValueError as e:  # an integer over sys.get_int_max_str_digits() digits
+        raise BodyError(f"request body has a number that cannot be read: {e}") from None
+    path = find_surrogate(data)
+    if path is not None:
+        where = f"'{path}'" if path else "the request body"
+        raise BodyError(f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode text",
+                        path or None)
+    return data
+
+
+def find_surrogate(data) -> str | None:
+    """The dotted path of the first string or key holding a lone surrogate ("" for the top level), or None.
+
+    Iterative (bodies nest as deep as the JSON parser allows); paths are only built for the hit."""
+    stack: list = [(None, data)]  # (link to the parent's path, value); a link is (parent link, key) or None
+    while stack:
+        link, x = stack.pop()
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                return _path(link)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                if _SURROGATE.search(k):
+                    return _path((link, "<key>"))
+                if isinstance(v, (str, list, dict)):
+                    stack.append(((link, k), v))
+        elif isinstance(x, list):
+            stack.extend(((link, i), v) for i, v in enumerate(x) if isinstance(v, (str, list, dict)))
+    return None
+
+
+def _path(link) -> str:
+    parts = []
+    while link is not None:
+        link, key = link
+        parts.append(str(key))
+    return ".".join(reversed(parts))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     """JSON bytes -> `model`, or APIError 400 naming the first bad field."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", None, "invalid_json") from None
-    except RecursionError:
-        raise APIError(400, "request body is nested too deeply", None, "invalid_json") from None
+        data = load_json(raw)
+    except BodyError as e:
+        raise APIError(400, str(e), e.param, "invalid_value" if e.param else "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", None, "invalid_json")
     try:
@@ -149,6 +222,7 @@ TELECHAT_RANGES = {
 
 class TeleChatError(Exception):
     def __init__(self, code: str, detail: str, status: int = 400):
+        detail = _text(detail)
         super().__init__(detail)
         self.code, self.detail, self.status = code, detail, status
 
@@ -160,9 +234,10 @@ class TeleChatError(Exception):
 def parse_telechat(raw: bytes) -> tuple[str, list[dict], dict]:
     """(question, history, settings) from a gptDialog body, or TeleChatError with the published code."""
     try:
-        item = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise TeleChatError("10301", f"request body is not valid JSON: {type(e).__name__}: {e}") from None
+        item = load_json(raw)
+    except BodyError as e:
+        code = "10301" if not e.param else "10904" if e.param.startswith("dialog") else "10305"
+        raise TeleChatError(code, str(e)) from None
     if not isinstance(item, dict) or "dialog" not in item:
         raise TeleChatError("10301", "missing required field 'dialog'")
     dialog = item["dialog"]
