@@ -9,6 +9,11 @@ import contextlib
 import functools
 import json
 import os
+import re
+import secrets
+import shutil
+import socket
+import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, TeleChatConfig
+from .config import ConfigError, TeleChatConfig, check_regular_file, read_json
 from .model import TeleChat
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -24,6 +29,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # Buffers some published checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# The files of a folder that loading opens: each must be a regular file when present.
+FOLDER_FILES = ("config.json", "generation_config.json", "quantize_config.json", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "specail_tokens_map.json")
+_LAYER_KEY = re.compile(r"^(?:transformer\.)?h\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
@@ -51,29 +61,145 @@ def to_internal_key(key: str) -> str:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint folder, in index order."""
+    """The weight files of a checkpoint folder, in index order (each checked to be a regular file)."""
+    files, _ = _weights_and_index(path)
+    return files
+
+
+def _weights_and_index(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     # Safetensors first: a folder saved over an official .bin checkpoint holds both.
     for index_name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json"):
         index = path / index_name
-        if index_name == "model.safetensors" and index.exists():
-            return [index]
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: unreadable weight index ({e!r})") from None
+        if index_name == "model.safetensors" and os.path.lexists(index):
+            return [_regular(index)], None
+        if os.path.lexists(index):
+            weight_map = _read_index(index)
             files = list(dict.fromkeys(weight_map.values()))
-            missing = [f for f in files if not (path / f).exists()]
+            missing = [f for f in files if not os.path.lexists(path / f)]
             if missing:
                 raise CheckpointError(f"{index}: shard file(s) missing from {path}: {', '.join(missing)}")
-            return [path / f for f in files]
+            return [_regular(path / f) for f in files], weight_map
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).exists():
-            return [path / name]
+        if os.path.lexists(path / name):
+            return [_regular(path / name)], None
     found = sorted(p.name for p in path.glob("*.safetensors")) + sorted(p.name for p in path.glob("*.bin"))
     if found:
-        return [path / f for f in found]
+        return [_regular(path / f) for f in found], None
     raise CheckpointError(f"{path}: no weights found (expected model.safetensors, pytorch_model.bin or an index)")
+
+
+def _regular(file: Path) -> Path:
+    check_regular_file(file, CheckpointError)
+    return file
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        d = read_json(index, CheckpointError)
+    except FileNotFoundError:
+        raise CheckpointError(f"{index}: cannot be read (dangling link)") from None
+    weight_map = d.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: unreadable weight index (\"weight_map\" must be an object of "
+                              f"tensor name -> shard file, got {'nothing' if weight_map is None else type(weight_map).__name__})")
+    for key, name in weight_map.items():
+        # A shard is a file of this folder: no paths, which could point anywhere on the machine.
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise CheckpointError(f"{index}: weight_map[{key!r}] must be a shard file name in this folder, "
+                                  f"got {name!r}")
+    return weight_map
+
+
+def weight_keys(path: Path) -> list[str] | None:
+    """The tensor names of a checkpoint folder, read from its index or safetensors headers without
+    loading any tensor; None when only reading the (.bin) weights would tell."""
+    files, weight_map = _weights_and_index(path)
+    if weight_map is not None:
+        return list(weight_map)
+    if not all(f.suffix == ".safetensors" for f in files):
+        return None
+    keys: list[str] = []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                keys += list(sf.keys())
+        except Exception as e:
+            raise CheckpointError(f"{f}: unreadable or truncated weight file ({type(e).__name__}: {e})") from None
+    return keys
+
+
+def check_layer_count(config: TeleChatConfig, keys, source: Path) -> None:
+    """A config.json asking for more layers than the weights hold is refused before the model is built
+    (building a billion empty layers would never end)."""
+    layers = {int(m.group(1)) for k in keys if (m := _LAYER_KEY.match(k))}
+    found = max(layers) + 1 if layers else 0
+    if config.n_layer > found:
+        raise CheckpointError(f"{source / 'config.json'}: n_layer is {config.n_layer} but the weights hold "
+                              f"{found} layer(s)")
+
+
+def parameter_bytes(config: TeleChatConfig, dtype: torch.dtype, bits: int | None = None) -> int:
+    """Bytes of a model's parameters in `dtype`, the blocks' linear layers at `bits` when quantized."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    total = config.num_parameters()
+    if bits is None:
+        return total * size
+    H, F = config.hidden_size, config.ffn_hidden_size
+    linear = config.n_layer * (2 * H * H + 2 * config.n_kv_head * config.head_dim * H + 3 * H * F)
+    return (total - linear) * size + linear * bits // 8
+
+
+def available_memory(device) -> int | None:
+    """Bytes that a new allocation on `device` may take (None when unknown): free GPU memory, or on
+    CPU MemAvailable plus free swap, capped by a cgroup limit."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except Exception:
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        avail = (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_memory(config: TeleChatConfig, dtype: torch.dtype, device, source: Path, bits: int | None = None) -> None:
+    """Refuse, before allocating anything, a model whose parameters alone exceed the memory available.
+
+    TELECHAT_NO_MEMORY_CHECK=1 skips this (e.g. when memory will be freed by others meanwhile)."""
+    if os.environ.get("TELECHAT_NO_MEMORY_CHECK") == "1":
+        return
+    need = parameter_bytes(config, dtype, bits)
+    avail = available_memory(device)
+    if avail is not None and need > avail:
+        raise CheckpointError(
+            f"{source / 'config.json'}: the model it describes (n_layer={config.n_layer}, "
+            f"hidden_size={config.hidden_size}, vocab_size={config.vocab_size}) needs {need / 2**30:,.1f} GiB "
+            f"for its parameters in {dtype_name(dtype)}, more than the {avail / 2**30:,.1f} GiB of memory "
+            f"available on {torch.device(device)} (TELECHAT_NO_MEMORY_CHECK=1 skips this check)")
+
+
+def check_folder_files(path: Path) -> None:
+    """Every file loading will open exists as a regular file (or not at all): never a FIFO, device,
+    directory or symlink loop, which would hang the reader or fail deep inside a library."""
+    for name in FOLDER_FILES:
+        if os.path.lexists(path / name):
+            check_regular_file(path / name, CheckpointError)
 
 
 def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -168,12 +294,22 @@ def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfi
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
+    check_folder_files(path)
     try:
         config = config or TeleChatConfig.from_json(path / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     files = weight_files(path)
-    dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype) or _first_float_dtype(files)
+    keys = weight_keys(path)
+    if keys is not None:
+        check_layer_count(config, keys, path)
+    try:
+        config_dtype = parse_dtype(config.torch_dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: torch_dtype: {e}") from None
+    dtype = parse_dtype(dtype) or config_dtype or _first_float_dtype(files)
+    qcfg = _quant_config(path)
+    check_memory(config, dtype, device, path, bits=qcfg.bits if qcfg is not None else None)
     with torch.device("meta"), _skip_init():
         model = TeleChat(config)
     model = model.to(dtype=dtype)  # still on meta: shapes only, no memory
@@ -201,6 +337,10 @@ def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfi
             if tuple(target.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"{file}: shape mismatch for {key}: expected {tuple(target.shape)} "
                                       f"from config.json, found {tuple(tensor.shape)}")
+            if target.is_floating_point() != tensor.is_floating_point() or \
+                    (not target.is_floating_point() and target.dtype != tensor.dtype):
+                want = "a floating-point tensor" if target.is_floating_point() else dtype_name(target.dtype)
+                raise CheckpointError(f"{file}: {key} has dtype {dtype_name(tensor.dtype)}, expected {want}")
             # The loaded tensor becomes the parameter: peak memory is the model plus one tensor.
             # (Quantized layers' buffers keep their own dtypes: int32 codes, fp16 scales.)
             keep = name in keep_16bit and tensor.dtype in (torch.float16, torch.bfloat16)
@@ -236,7 +376,7 @@ def _quantization(path: Path, model: TeleChat):
     from . import quant
 
     try:
-        qcfg = quant.read_quant_config(path)
+        qcfg = _quant_config(path)
         if qcfg is None:
             return None
         quant.quantize_modules(model, qcfg)
@@ -246,14 +386,99 @@ def _quantization(path: Path, model: TeleChat):
     return quant
 
 
+def _quant_config(path: Path):
+    from . import quant
+
+    try:
+        return quant.read_quant_config(path)
+    except quant.QuantError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def _listing(keys: list[str], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+# ---- temporary files and folders ----------------------------------------------------------------------
+# A killed write leaves its temporary behind. Its name says who made it, so the next run can tell a
+# dead owner's leftovers (removed) from a running writer's work (kept).
+_TEMP = re.compile(r"^\.(?P<name>.+)\.telechat-tmp\.(?P<pid>\d+)\.(?P<start>\d+)\.[0-9a-f]{8}\.(?P<host>[^/]+)$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), 0 where /proc does not tell, None
+    when there is no such process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[19])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return 0
+
+
+def temp_name(name: str) -> str:
+    """A hidden name beside `name` that records this process (host, pid, start time)."""
+    start = _start_time(os.getpid()) or 0
+    return f".{name}.telechat-tmp.{os.getpid()}.{start}.{secrets.token_hex(4)}.{_host()}"
+
+
+def is_stale_temp(entry: Path) -> bool:
+    """A temporary of ours whose owner is gone (a dead pid, or a reused one with another start time).
+    Another host's temporaries are never judged."""
+    m = _TEMP.match(entry.name)
+    if m is None or m["host"] != _host():
+        return False
+    start = _start_time(int(m["pid"]))
+    return start is None or (start != 0 and int(m["start"]) != 0 and start != int(m["start"]))
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temporaries that killed runs left in `folder`; returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if is_stale_temp(entry):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A new temporary folder for `name` in `parent`, with the modes `mkdir` gives (the umask's), unlike
+    mkdtemp's 0700, since it becomes the output."""
+    while True:
+        tmp = Path(parent) / temp_name(name)
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def save_model(model: TeleChat, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
     """Write safetensors shards (+ index when several) and config.json in the official key layout."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     sd = model.state_dict()
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -272,9 +497,14 @@ def save_model(model: TeleChat, path: str | Path, max_shard_bytes: int = 2 * 102
         if stale.exists() and stale.name not in names:
             stale.unlink()
     for name, shard in zip(names, shards):
-        tmp = path / (name + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / name)
+        tmp = path / temp_name(name)
+        try:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, path / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
     if n > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,95 @@ TELECHAT_7B_VOCAB = 160256
 
 class ConfigError(ValueError):
     """A config.json that cannot describe a TeleChat model."""
+
+
+# JSON side files of a checkpoint are small (the largest, a weight index, is ~100 KB); a bigger one is
+# not what it claims to be, and reading it whole could exhaust memory.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+def check_regular_file(path: str | Path, error: type[Exception] = ConfigError) -> os.stat_result:
+    """Raise `error` unless `path` is (a link to) a regular file: a FIFO would block its reader forever,
+    a device like /dev/zero never ends, a directory or a symlink loop cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise error(f"{path}: is {kind}, not a regular file")
+    return st
+
+
+def read_json(path: str | Path, error: type[Exception] = ConfigError, expect: type | None = dict):
+    """The JSON value of a small side file (config, index, generation config), or `error` naming the file.
+
+    FileNotFoundError passes through, for callers with their own wording of "missing"."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(path)
+    st = check_regular_file(path, error)
+    if st.st_size > MAX_JSON_BYTES:
+        raise error(f"{path}: {st.st_size:,} bytes is too large for a JSON side file (limit {MAX_JSON_BYTES:,})")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+        value = json.loads(data.decode("utf-8"))
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if expect is not None and not isinstance(value, expect):
+        raise error(f"{path}: expected a JSON {_JSON_NAMES.get(expect, expect.__name__)}, "
+                    f"got {_json_type(value)}")
+    return value
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return next((name for t, name in _JSON_NAMES.items() if type(value) is t), type(value).__name__)
+
+
+def _short(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def check_int(name: str, value, minimum: int | None = None, optional: bool = False) -> None:
+    """ConfigError unless `value` is an int (not a bool) >= minimum (or None when optional)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ConfigError(f"{name} must be an integer{bound}{' or null' if optional else ''}, got {_short(value)}")
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, optional: bool = False) -> None:
+    """ConfigError unless `value` is a finite number within [low, high] ((low, high] with low_open)."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        rng = "" if low is None else f" {'>' if low_open else '>='} {low}" if high is None else \
+            f" in {'(' if low_open else '['}{low}, {high}]"
+        raise ConfigError(f"{name} must be a finite number{rng}, got {_short(value)}")
 
 
 @dataclass
@@ -51,6 +142,25 @@ class TeleChatConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        # Types and ranges first: a zero or negative size would fail deep inside torch, or not at all.
+        for name in ("vocab_size", "hidden_size", "n_layer", "n_head", "ffn_hidden_size", "training_seqlen",
+                     "seq_length"):
+            check_int(name, getattr(self, name), 1)
+        check_int("base_seqlen", self.base_seqlen, 1, optional=True)
+        check_int("num_key_value_heads", self.num_key_value_heads, 1, optional=True)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+            check_int(name, getattr(self, name), optional=True)
+        check_number("layer_norm_epsilon", self.layer_norm_epsilon, 0)
+        check_number("rope_theta", self.rope_theta, 0, low_open=True)
+        for name in ("hidden_dropout", "attention_dropout"):
+            check_number(name, getattr(self, name), 0, 1)
+        for name in ("tie_word_embeddings", "embed_layernorm", "bias", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {_short(getattr(self, name))}")
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            raise ConfigError(f"torch_dtype must be a string such as \"float16\", got {_short(self.torch_dtype)}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
         if self.hidden_size % self.n_head:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
         if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
@@ -90,27 +200,33 @@ class TeleChatConfig:
     # ---- official config.json ------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TeleChatConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object, got {_json_type(d)}")
         d = dict(d)
         for alias, name in _ALIASES.items():
             if alias in d and name not in d:
                 d[name] = d[alias]
         model_type = d.get("model_type", "telechat")
-        if model_type != "telechat":
+        if not isinstance(model_type, str) or model_type != "telechat":
             raise ConfigError(f"unknown model_type {model_type!r}: expected 'telechat'")
         own = {f.name for f in fields(cls)} - {"extra"}
-        missing = [k for k in ("vocab_size", "hidden_size", "n_layer", "n_head") if k not in d]
+        missing = [k for k in ("vocab_size", "hidden_size", "n_layer", "n_head") if d.get(k) is None]
         if missing:
             raise ConfigError(f"config is missing required field(s): {', '.join(missing)}")
         kwargs = {k: d[k] for k in own if d.get(k) is not None}
+        check_int("hidden_size", d["hidden_size"], 1)
         if "ffn_hidden_size" not in d:
             kwargs["ffn_hidden_size"] = d.get("n_inner") or 4 * d["hidden_size"]
         # A config.json without tie_word_embeddings means tied (the 7B case).
-        kwargs["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", True))
+        tie = d.get("tie_word_embeddings")
+        kwargs["tie_word_embeddings"] = True if tie is None else tie
         if "seq_length" not in d and "training_seqlen" in d:
             kwargs["seq_length"] = d["training_seqlen"]
         if "training_seqlen" not in d:
             kwargs["training_seqlen"] = d.get("seq_length", 8192)
         if isinstance(kwargs.get("eos_token_id"), list):
+            if not kwargs["eos_token_id"]:
+                raise ConfigError("eos_token_id must be an integer or a non-empty list of integers, got []")
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         extra = {k: v for k, v in d.items() if k not in own and k not in _ALIASES}
         return cls(**kwargs, extra=extra)
@@ -139,11 +255,9 @@ class TeleChatConfig:
     def from_json(cls, path: str | Path) -> "TeleChatConfig":
         path = Path(path)
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = read_json(path)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json in this folder") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:

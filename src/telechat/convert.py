@@ -10,14 +10,13 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, iter_tensors, weight_files
+from .checkpoint import CheckpointError, iter_tensors, make_temp_dir, remove_stale_temps, weight_files
 from .config import TeleChatConfig
 from .hf import AUTO_MAP, merge_key_value, write_remote_code
 
@@ -42,6 +41,9 @@ def _llama_config(*, vocab_size, hidden_size, n_layer, n_head, n_kv_head, ffn, e
 def _atomic_folder(out: Path):
     """Yield a temporary folder beside `out` that replaces `out` only if the block succeeds.
 
+    The folder is hidden, named after this process, and gets the umask's modes like `mkdir`;
+    temporaries of killed runs in the same parent folder are removed first.
+
     An existing `out` is replaced only when it is empty or a checkpoint folder (has config.json),
     and never when it holds the working directory.
     """
@@ -52,7 +54,8 @@ def _atomic_folder(out: Path):
         if Path.cwd().resolve().is_relative_to(out):
             raise CheckpointError(f"{out}: is (or contains) the working directory; choose another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    remove_stale_temps(out.parent)  # what killed imports and quantizations left here
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         yield tmp
         if out.exists():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from . import chat as _chat
 from .checkpoint import CheckpointError, dtype_name, load_model, save_model
-from .config import TeleChatConfig, preset
+from .config import ConfigError, TeleChatConfig, check_int, check_number, preset, read_json
 from .default_model import resolve_model
 from .generate import SamplingParams, generate, generate_tokens, resolve_params
 from .model import TeleChat
@@ -143,13 +144,42 @@ class LLM:
 
 def _read_generation_config(path: Path) -> dict | None:
     f = path / "generation_config.json"
-    if not f.exists():
+    if not os.path.lexists(f):
         return None
     try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    return {k: v for k, v in d.items() if k in _GEN_KEYS or k.endswith("_token_id") or k == "max_new_tokens"}
+        d = read_json(f, CheckpointError)
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: cannot be read (dangling link)") from None
+    gen = {k: v for k, v in d.items() if k in _GEN_KEYS or k.endswith("_token_id") or k == "max_new_tokens"}
+    try:
+        for key, value in gen.items():
+            _check_generation_value(key, value)
+    except ConfigError as e:
+        raise CheckpointError(f"{f}: {e}") from None
+    return gen
+
+
+def _check_generation_value(key: str, value) -> None:
+    """Types and ranges, so that a bad value fails at load rather than at the first generate."""
+    if value is None:
+        return
+    if key.endswith("_token_id"):
+        ids = value if isinstance(value, list) else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ConfigError(f"{key} must be an integer or a list of integers, got {value!r:.60}")
+    elif key == "max_length":
+        check_int(key, value, 1)
+    elif key in ("max_new_tokens", "top_k"):
+        check_int(key, value, 0)
+    elif key == "do_sample":
+        if not isinstance(value, bool):
+            raise ConfigError(f"do_sample must be true or false, got {value!r:.60}")
+    elif key == "temperature":
+        check_number(key, value, 0)
+    elif key == "top_p":
+        check_number(key, value, 0, 1, low_open=True)
+    elif key == "repetition_penalty":
+        check_number(key, value, 0, low_open=True)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype=None) -> LLM:
@@ -162,9 +192,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype=None) -> LL
     """
     path = resolve_model(path)
     model = load_model(path, device=device, dtype=dtype)
+    own = _read_generation_config(path)  # checked before the tokenizer, which reads it too
     tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
     gen = default_generation_config(model.config, tokenizer)
-    gen.update(_read_generation_config(path) or {})
+    gen.update(own or {})
+    try:  # the combination too (e.g. temperature 0 with do_sample), as generate would see it
+        resolve_params(gen, model.config.vocab_size)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'generation_config.json'}: {e}") from None
     return LLM(model, tokenizer, gen, path)
 
 

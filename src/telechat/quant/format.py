@@ -15,11 +15,14 @@ and vLLM look for).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..config import read_json
 
 SUPPORTED_BITS = (4, 8)
 METHODS = ("gptq", "rtn")
@@ -112,11 +115,14 @@ class QuantConfig:
         if missing:
             raise QuantError(f"{source}: missing field(s) {', '.join(missing)}")
         meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
+        damp = d.get("damp_percent", 0.01)
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)):
+            raise QuantError(f"{source}: damp_percent must be a number, got {damp!r:.60}")
         try:
             return cls(bits=d["bits"], group_size=d["group_size"], sym=bool(d.get("sym", True)),
-                       desc_act=bool(d.get("desc_act", False)), damp_percent=float(d.get("damp_percent", 0.01)),
+                       desc_act=bool(d.get("desc_act", False)), damp_percent=float(damp),
                        true_sequential=bool(d.get("true_sequential", True)), method=meta.get("method", "gptq"))
-        except QuantError as e:
+        except (QuantError, TypeError, ValueError) as e:  # float("x"), bits "4", ...
             raise QuantError(f"{source}: {e}") from None
 
     def describe(self) -> str:
@@ -135,19 +141,18 @@ def read_quant_config(path: str | Path) -> QuantConfig | None:
     path = Path(path)
     found: dict[str, QuantConfig] = {}
     cfg_file = path / "config.json"
-    if cfg_file.exists():
-        try:
-            block = json.loads(cfg_file.read_text(encoding="utf-8")).get("quantization_config")
-        except (json.JSONDecodeError, AttributeError):
-            block = None  # the config loader reports a broken config.json
-        if block is not None:
-            found["config.json"] = QuantConfig.from_dict(block, f"{cfg_file}: quantization_config")
+    try:
+        block = read_json(cfg_file, QuantError).get("quantization_config")
+    except (FileNotFoundError, QuantError):
+        block = None  # the config loader reports a missing or broken config.json
+    if block is not None:
+        found["config.json"] = QuantConfig.from_dict(block, f"{cfg_file}: quantization_config")
     qc_file = path / "quantize_config.json"
-    if qc_file.exists():
+    if os.path.lexists(qc_file):
         try:
-            d = json.loads(qc_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise QuantError(f"{qc_file}: not valid JSON ({e})") from None
+            d = read_json(qc_file, QuantError, expect=None)
+        except FileNotFoundError:
+            raise QuantError(f"{qc_file}: cannot be read (dangling link)") from None
         found["quantize_config.json"] = QuantConfig.from_dict(d, str(qc_file))
     if len(found) == 2:
         a, b = found["config.json"], found["quantize_config.json"]
