@@ -39,3 +39,13 @@ def test_chat_non_utf8_prompt_argument(tiny_dir):
     err = r.stderr.decode("utf-8")
     assert r.returncode == 1 and "Traceback" not in err
     assert err.strip() == "error: --prompt is not valid UTF-8 text (it holds bytes that do not decode)"
+
+
+def test_tokenizers_name_a_lone_surrogate(sp_tokenizer, hf_tokenizer_json):
+    import pytest
+
+    for tok in (sp_tokenizer, telechat.load_tokenizer(hf_tokenizer_json)):
+        with pytest.raises(ValueError, match=r"lone UTF-16 surrogate '\\udc80' at index 3"):
+            tok.encode("abc\udc80def")
+        assert tok.encode("abc\U0001f600") == tok.encode("abc\ud83d\ude00".encode("utf-16", "surrogatepass")
+                                                         .decode("utf-16"))

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _SPECIAL_PIECE = re.compile(r"^<(_\w+|reserve\d+|pad|unk|s|/s|\|[\w\-]+\|)>$")
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 _SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "specail_tokens_map.json")
@@ -99,9 +100,16 @@ class Tokenizer:
         return self.hf.id_to_token(i)
 
     def encode(self, text: str) -> list[int]:
-        if self.sp is not None:
-            return self.sp.encode(text)
-        return self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            if self.sp is not None:
+                return self.sp.encode(text)
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except (RuntimeError, TypeError):  # what the bindings raise for text that is not UTF-8-encodable
+            bad = _SURROGATE.search(text) if isinstance(text, str) else None
+            if bad is None:
+                raise
+            raise ValueError(f"text holds a lone UTF-16 surrogate {ascii(bad.group())} at index {bad.start()}: it is "
+                             "not Unicode text and cannot be tokenized") from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
