@@ -150,6 +150,8 @@ def test_loss_is_token_weighted_across_ranks(uneven_sft, tmp_path, zero):
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [x["loss_tokens"] for x in logged] == [x["loss_tokens"] for x in a["history"]]
     assert [x["loss"] for x in logged] == pytest.approx([x["loss"] for x in a["history"]], rel=1e-5)
+    # the gradient's scale too (AdamW and clipping would hide a factor on the weights)
+    assert [x["grad_norm"] for x in logged] == pytest.approx([x["grad_norm"] for x in a["history"]], rel=1e-4)
     assert _relative_distance(_weights(out), _weights(tmp_path / "4x1"), _weights(tmp_path / "start")) < 1e-4
 
 

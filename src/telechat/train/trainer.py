@@ -743,9 +743,6 @@ class _DeepSpeed(_Plain):
         self.deepspeed = deepspeed
         self.zero3 = cfg.zero_stage == 3
         self.cpu = cfg.device == "cpu"
-        import inspect
-
-        self.no_gas_scaling = "scale_wrt_gas" in inspect.signature(self.engine.backward).parameters
 
     def close(self) -> None:
         """Unlink this rank's shared-memory all-reduce buffer, which DeepSpeed's CPU backend leaves in
@@ -758,21 +755,23 @@ class _DeepSpeed(_Plain):
         Path("/dev/shm", name).unlink(missing_ok=True)
 
     def backward(self, loss_sum, tokens: int):
-        # The engine divides by the accumulation steps (unless told not to) and its gradient all-reduce
-        # averages over ranks; scaling by the world size undoes the latter, so the update is the
-        # token-weighted mean over all ranks and micro-batches.
-        loss = loss_sum * (self.world / max(tokens, 1))
-        if self.no_gas_scaling:
-            self.engine.backward(loss, scale_wrt_gas=False)
-        else:
-            self.engine.backward(loss * self.accum)
+        # The engine would divide by the accumulation steps (scale_wrt_gas=False: it does not) and its
+        # gradient all-reduce averages over ranks; scaling by the world size undoes that, so the update is
+        # the token-weighted mean over all ranks and micro-batches.
+        self.engine.backward(loss_sum * (self.world / max(tokens, 1)), scale_wrt_gas=False)
 
     def micro_step(self):
+        if self.engine.is_gradient_accumulation_boundary():
+            # The engine reports no norm without a ZeRO optimizer: measure the reduced gradients before
+            # its clipping and update.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self.norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double())
+                                                                    for g in grads]))) if grads else float("nan")
         self.engine.step()  # applies the update at the accumulation boundary only
 
     def step(self) -> float:
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else getattr(self, "norm", float("nan"))
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
