@@ -416,16 +416,14 @@ def test_health_answers_while_a_prompt_is_tokenized(client, serve_llm, monkeypat
     assert out["r"].status_code == 200
 
 
-def test_health_stays_fast_under_huge_prompts(server, client):
-    """Four 2 MB prompts being refused: /health latency stays near its own baseline (measured here)."""
-    def health_latency() -> float:
-        t0 = time.perf_counter()
-        assert client.get("/health").status_code == 200
-        return time.perf_counter() - t0
-
-    baseline = sorted(health_latency() for _ in range(20))[10]
-    done = threading.Event()
-    statuses = []
+def test_health_stays_fast_under_huge_prompts(server, client, serve_llm):
+    """Eight 2 MB prompts being refused: /health never waits anything like one tokenization of such a
+    prompt (timed here, on the same machine and load: the baseline), as it did when the event loop
+    tokenized them."""
+    t0 = time.perf_counter()
+    serve_llm.tokenizer.encode(BIG)
+    one_tokenization = time.perf_counter() - t0
+    statuses, during = [], []
 
     def flood():
         with httpx.Client(base_url=server, timeout=120) as c:
@@ -437,12 +435,12 @@ def test_health_stays_fast_under_huge_prompts(server, client):
     threads = [threading.Thread(target=flood) for _ in range(2)]
     for t in threads:
         t.start()
-    during = []
     while any(t.is_alive() for t in threads):
-        during.append(health_latency())
+        t0 = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        during.append(time.perf_counter() - t0)
     for t in threads:
         t.join()
-    done.set()
-    assert statuses and set(statuses) == {400}
-    # generous: uploading 2 MB bodies on the same 2 cores adds load, but nothing blocks the loop for long
-    assert not during or sorted(during)[len(during) // 2] < max(20 * baseline, 0.25), (baseline, during)
+    assert statuses == [400] * 8
+    # the third-slowest answer, so that two unlucky scheduling hiccups on a busy machine do not count
+    assert len(during) >= 3 and sorted(during)[-3] < one_tokenization / 2, (one_tokenization, sorted(during)[-5:])

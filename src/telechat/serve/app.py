@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import os
@@ -72,6 +73,7 @@ class Server:
         self.metrics = Metrics(engine)
         self.created = int(time.time())
         self.chars_per_token = longest_token_chars(llm.tokenizer)
+        _counted_table()  # built now rather than in the first large request
         self.pool: ThreadPoolExecutor | None = None
 
     # ---- work off the event loop -------------------------------------------------------------
@@ -374,11 +376,37 @@ def _model_card(srv: Server) -> dict:
 
 
 # ---- prompt size before tokenizing ---------------------------------------------------------------
-# Characters a tokenizer's normalization may drop or merge away (besides whitespace runs): C0/C1 controls
-# and zero-width marks. They are not counted in the lower bound.
-_UNCOUNTED = dict.fromkeys([*range(0x20), 0x7f, *range(0x80, 0xa0), 0xad, 0x200b, 0x200c, 0x200d, 0x2060, 0xfeff])
+# Code points a tokenizer's normalization may drop or fold away, so they are not counted: whitespace,
+# controls and format characters (Unicode 14 categories Zs/Zl/Zp/Cc/Cf and str.isspace()).
+_UNCOUNTED_RANGES = ((0x0, 0x20), (0x7F, 0xA0), (0xAD, 0xAD), (0x600, 0x605), (0x61C, 0x61C), (0x6DD, 0x6DD),
+                     (0x70F, 0x70F), (0x890, 0x891), (0x8E2, 0x8E2), (0x1680, 0x1680), (0x180E, 0x180E),
+                     (0x2000, 0x200F), (0x2028, 0x202F), (0x205F, 0x2064), (0x2066, 0x206F), (0x3000, 0x3000),
+                     (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD),
+                     (0x13430, 0x13438), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0001, 0xE0001),
+                     (0xE0020, 0xE007F))
+_ASCII_UNCOUNTED = bytes(range(0x21)) + b"\x7f"
 # Unicode normalization (NFKC) may compose a few characters into one (e.g. Hangul jamo 3 -> 1).
 _NORMALIZE_SHRINK = 4
+
+
+@functools.cache
+def _counted_table():
+    import numpy as np
+
+    table = np.ones(0x110000, dtype=bool)
+    for lo, hi in _UNCOUNTED_RANGES:
+        table[lo:hi + 1] = False
+    return table
+
+
+def visible_chars(text: str) -> int:
+    """Characters of `text` that no tokenizer normalization drops, counted at C speed (2 MB: ~10 ms)."""
+    if text.isascii():
+        return len(text.encode("ascii").translate(None, _ASCII_UNCOUNTED))
+    import numpy as np
+
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return int(np.count_nonzero(_counted_table()[codes]))
 
 
 def longest_token_chars(tokenizer) -> int:
@@ -395,8 +423,7 @@ def longest_token_chars(tokenizer) -> int:
 def min_tokens(text: str, chars_per_token: int) -> int:
     """A lower bound on the tokens `text` encodes to: its visible characters over the most any token
     covers (with room for normalization), found in C-speed string passes instead of a tokenizer run."""
-    visible = len("".join(text.translate(_UNCOUNTED).split()))
-    return visible // (chars_per_token * _NORMALIZE_SHRINK)
+    return visible_chars(text) // (chars_per_token * _NORMALIZE_SHRINK)
 
 
 def _too_long(srv: Server, bound: int, param: str) -> APIError:
