@@ -6,7 +6,6 @@ official-layout folder `telechat.load` reads), the optimizer, the schedule and t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
-from ..data.prepare import load_prepared
+from ..data.prepare import load_prepared, tokenizer_fingerprint
 from ..llm import LLM, default_generation_config, from_preset, load
 from ..model import packed_labels
 from ..tokenizer import load_tokenizer
@@ -341,28 +340,15 @@ def _datasets(cfg: TrainConfig) -> tuple[Batches | Mixture, dict[str, Batches], 
 
 
 # ---- model, optimizer, schedule ----------------------------------------------------------------
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (each id's piece, in id order): equal exactly when token ids mean the same
-    pieces, whatever file format or copy the tokenizer comes from."""
-    if getattr(tokenizer, "sp", None) is not None:
-        pieces = tokenizer.sp.id_to_piece(list(range(len(tokenizer))))
-    else:
-        pieces = [tokenizer.id_to_token(i) or "" for i in range(len(tokenizer))]
-    h = hashlib.sha256()
-    for piece in pieces:
-        h.update(piece.encode("utf-8", "surrogatepass") + b"\0")
-    return h.hexdigest()
-
-
 def check_data_tokenizer(manifest: dict, data_tokenizer, model_tokenizer, data: str, model: str) -> None:
     """Refuse data prepared with a tokenizer other than the model's: its ids would name other tokens.
 
-    What the manifest recorded at prepare time (`tokenizer_vocab_size`, `tokenizer_vocab_sha256`) wins
+    What the manifest recorded at prepare time (`tokenizer_vocab_size`, `tokenizer_fingerprint`) wins
     over the tokenizer file it names, which may have changed since."""
     vocab = manifest.get("tokenizer_vocab_size")
     if not isinstance(vocab, int) and data_tokenizer is not None:
         vocab = len(data_tokenizer)
-    digest = manifest.get("tokenizer_vocab_sha256")
+    digest = manifest.get("tokenizer_fingerprint")
     if not isinstance(digest, str) and data_tokenizer is not None:
         digest = tokenizer_fingerprint(data_tokenizer)
     named = manifest.get("tokenizer") or "(not recorded)"
