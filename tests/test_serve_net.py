@@ -40,7 +40,8 @@ class Subserver:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(nofile), str(max_connections),
                                       str(header_timeout), str(sp_model)],
-                                     stdout=subprocess.PIPE, stderr=self.log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     stdout=subprocess.PIPE, stderr=self.log,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = self.proc.stdout.readline().decode()
         if not line.startswith("PORT"):
             self.stop()
@@ -94,7 +95,8 @@ def _closed_by_server(s: socket.socket) -> bool:
     try:
         r, _, _ = select.select([s], [], [], 0)
         if r:
-            return s.recv(4096) == b"" or True  # an answer (503) or EOF: the server let go
+            s.recv(4096)  # EOF, or a 503 before it: the server let go
+            return True
         s.send(b"X")  # a header byte now and then, as a slowloris client does
         return False
     except OSError:

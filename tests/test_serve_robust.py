@@ -163,7 +163,7 @@ def _grid(extremes: dict, k: int, seed: int, base: dict) -> list[dict]:
     return [{**base, **{n: v for n, v in c.items() if v is not None}} for c in cases]
 
 
-def _post_all(server: str, jobs: list[tuple[str, object]], workers: int = 4) -> list[tuple[str, object, httpx.Response]]:
+def _post_all(server: str, jobs: list[tuple[str, object]], workers: int = 4) -> list[tuple[str, object, object]]:
     """POST each (path, JSON body or raw bytes) over `workers` kept-alive connections."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -184,10 +184,12 @@ def _post_all(server: str, jobs: list[tuple[str, object]], workers: int = 4) -> 
 def test_accepted_sampling_settings_never_fail(server):
     """Every value the API accepts samples: a grid of extremes (alone and combined) through the real
     app, on both OpenAI endpoints and TeleChat's; no 5xx, and a 200 carries a finished answer."""
-    jobs = [("/v1/chat/completions", {**CHAT, **c, "max_tokens": 2}) for c in _grid(EXTREMES, 0, 0, {"temperature": 1.0})]
+    sampling, tele_sampling = {"temperature": 1.0}, {"do_sample": True, "temperature": 0.5}
+    jobs = [("/v1/chat/completions", {**CHAT, **c, "max_tokens": 2}) for c in _grid(EXTREMES, 0, 0, sampling)]
     jobs += [("/v1/completions", {**COMPLETION, **c, "max_tokens": 2, "stream": i % 2 == 0})
-             for i, c in enumerate(_grid(EXTREMES, 16, 1, {"temperature": 1.0})[-16:])]
-    jobs += [("/telechat/gptDialog/v4", {**DIALOG, **c, "max_length": 12}) for c in _grid(TELECHAT_EXTREMES, 8, 2, {"do_sample": True, "temperature": 0.5})]
+             for i, c in enumerate(_grid(EXTREMES, 16, 1, sampling)[-16:])]
+    jobs += [("/telechat/gptDialog/v4", {**DIALOG, **c, "max_length": 12})
+             for c in _grid(TELECHAT_EXTREMES, 8, 2, tele_sampling)]
     results = _post_all(server, jobs)
     bad = [(p, b, r.status_code, r.text[:200]) for p, b, r in results if r.status_code != 200]
     assert not bad, bad[:5]
@@ -198,11 +200,9 @@ def test_accepted_sampling_settings_never_fail(server):
             assert r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text, r.text[-300:]
         elif path == "/telechat/gptDialog/v4":
             assert r.json()["role"] == "bot"
-    CASE_COUNTS["sampling extremes"] = len(jobs)
 
 
 # ---- a fuzz over every endpoint ------------------------------------------------------------------
-CASE_COUNTS: dict[str, int] = {}
 WEIRD = [None, True, False, 0, -1, 1.5, -1e308, 1e308, 2**64, -(2**63) - 1, 10**4000, "", "x", " ", "\u0000",
          "\ud800", "\udfff\ud800", "\U0010ffff", "a" * 10000, [], [None], [[]], [1, 2], {}, {"a": 1},
          [{"role": "user"}], [{"role": "user", "content": 5}], [{"type": "image_url", "image_url": {"url": "x"}}],
@@ -265,7 +265,6 @@ def test_fuzz_post_endpoints(server, path):
         except AssertionError as e:
             raise AssertionError(f"body {raw[:200]!r}: {e}") from None
     assert sum(r.status_code == 400 for _, _, r in results) > len(results) // 2
-    CASE_COUNTS[path] = len(results)
 
 
 GET_PATHS = ["/health", "/v1/models", "/v1/models/" + MODEL, "/v1/models/nope", "/v1/models/%ED%A0%80",
@@ -275,12 +274,10 @@ GET_PATHS = ["/health", "/v1/models", "/v1/models/" + MODEL, "/v1/models/nope", 
 
 
 def test_fuzz_get_endpoints(client):
-    n = 0
     for path in GET_PATHS:
         for method in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"):
             r = client.request(method, path, content=b'{"x": "\\ud800"}' if method in ("POST", "PUT", "PATCH")
                                else None)
-            n += 1
             assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
             if r.status_code >= 400 and method != "HEAD" and not path.startswith("/telechat/"):
                 assert set(r.json()) == {"error"}, (method, path, r.text[:300])
@@ -291,9 +288,7 @@ def test_fuzz_get_endpoints(client):
             r = client.get("/health", headers=headers)
         except (httpx.LocalProtocolError, httpx.RemoteProtocolError):
             continue  # the client refuses to send it, or the server refuses to read it
-        n += 1
         assert r.status_code < 500
-    CASE_COUNTS["GET and other methods"] = n
     assert client.get("/health").json()["status"] == "ok"
 
 
