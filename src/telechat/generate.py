@@ -156,6 +156,16 @@ def generate_tokens(model: TeleChat, input_ids: Tensor, p: SamplingParams, atten
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step = compiled_decode_step(device.type) if compile else _decode_step
 
+    if static:
+        # Positions and rotary tables of every decode step, made once: a step then launches no host copy.
+        positions = torch.arange(T, total, device=device)
+        rope_table = rope_cos_sin(model.config, positions, positions + 1)
+    # On an accelerator the host learns whether every row stopped only every few steps (a check is a
+    # sync that stalls the queue of launched work); the steps in between are held back and yielded
+    # after the check, so the tokens seen are the same as with a check at every step.
+    check_every = 8 if static else 1
+    held: list[tuple[Tensor, Tensor]] = []
+
     logits = model(input_ids, input_pos=torch.arange(T, device=device), attention_mask=key_mask,
                    last_only=True)[:, -1].float()
     for i in range(p.max_new_tokens):
@@ -163,12 +173,23 @@ def generate_tokens(model: TeleChat, input_ids: Tensor, p: SamplingParams, atten
         nxt = next_token(process_logits(logits, tokens[:, :pos], p), p, generator)
         nxt = torch.where(done, torch.full_like(nxt, p.pad_id), nxt)
         tokens[:, pos] = nxt
-        yield nxt
         done |= torch.isin(nxt, stops)
-        if bool(done.all()) or i == p.max_new_tokens - 1:
+        held.append((nxt, done.all()))
+        last = i == p.max_new_tokens - 1
+        if len(held) == check_every or last:
+            flags = torch.stack([f for _, f in held]).tolist()
+            for (t, _), all_done in zip(held, flags):
+                yield t
+                if all_done:
+                    return
+            held.clear()
+        if last:
             return
-        input_pos = torch.tensor([pos], device=device)
-        cos, sin = rope_cos_sin(model.config, input_pos, pos + 1)
+        if static:
+            input_pos, cos, sin = positions[i:i + 1], rope_table[0][i:i + 1], rope_table[1][i:i + 1]
+        else:
+            input_pos = torch.tensor([pos], device=device)
+            cos, sin = rope_cos_sin(model.config, input_pos, pos + 1)
         if key_mask is not None:
             key_mask[:, pos] = True
         kv_len = key_mask.shape[1] if static else pos + 1

@@ -33,7 +33,7 @@ def _kernel():
                for bn in (32, 64, 128) for bk in (32, 64, 128) for w in (4,)]
 
     def prune(configs, named_args, **kwargs):
-        gs = named_args["GS"]
+        gs = kwargs.get("GS", named_args.get("GS"))  # constexprs arrive as keywords
         ok = [c for c in configs if gs % c.kwargs["BK"] == 0]
         return ok or configs[:1]
 
