@@ -3,13 +3,13 @@ promptly (no hang, no huge allocation), and `telechat info` reports it in one li
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -220,23 +220,37 @@ class Hung(Exception):
 
 
 @contextlib.contextmanager
-def deadline(seconds: int):
-    """Turn a hang (a huge model being built, a FIFO opened for reading) into a failure.
+def deadline(seconds: int, folder: Path):
+    """Turn a hang into a failure: SIGALRM stops Python code (a huge model being built); a native
+    open() of a FIFO retries on EINTR, so a watchdog opens the folder's FIFOs for writing to free it."""
+    done, hung = threading.Event(), threading.Event()
 
-    SIGALRM stops Python code; a native open() that retries on EINTR (Rust, C++) ignores it, so
-    past twice the time faulthandler ends the whole run with the stack instead of hanging it."""
     def alarm(signum, frame):
         raise Hung(f"still running after {seconds}s")
 
+    def watchdog():
+        if done.wait(seconds):
+            return
+        hung.set()
+        while not done.wait(0.2):
+            for p in folder.rglob("*"):
+                if p.is_fifo():
+                    with contextlib.suppress(OSError):
+                        os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+
     old = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
-    faulthandler.dump_traceback_later(2 * seconds, exit=True, file=sys.__stderr__)
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        faulthandler.cancel_dump_traceback_later()
+        done.set()
+        thread.join()
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+    if hung.is_set():
+        raise Hung(f"blocked for more than {seconds}s")
 
 
 def make_case(name: str, tiny_dir: Path, tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
@@ -256,14 +270,14 @@ def test_case_count():
 @pytest.mark.parametrize("name", list(CASES))
 def test_malformed_checkpoint_refused(name, tiny_dir, tmp_path, capsys):
     d, expect = make_case(name, tiny_dir, tmp_path)
-    with deadline(60), pytest.raises(CheckpointError) as e:
+    with deadline(60, d), pytest.raises(CheckpointError) as e:
         telechat.load(d)
     msg = str(e.value)
     for s in expect:
         assert s in msg, msg
     assert "\n" not in msg
     capsys.readouterr()
-    with deadline(60):
+    with deadline(60, d):
         rc = cli_main(["info", "--model", str(d)])
     err = capsys.readouterr().err
     assert rc != 0

@@ -474,6 +474,25 @@ def make_temp_dir(parent: Path, name: str) -> Path:
             continue
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells (/proc), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the file mode a plain open() gives (safetensors writes 0600)."""
+    save_file(tensors, str(file), metadata=metadata)
+    os.chmod(file, 0o666 & ~current_umask())
+
+
 def save_model(model: TeleChat, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
     """Write safetensors shards (+ index when several) and config.json in the official key layout."""
     path = Path(path)
@@ -499,7 +518,7 @@ def save_model(model: TeleChat, path: str | Path, max_shard_bytes: int = 2 * 102
     for name, shard in zip(names, shards):
         tmp = path / temp_name(name)
         try:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
+            save_tensors(shard, tmp, metadata={"format": "pt"})
             os.replace(tmp, path / name)
         except BaseException:
             with contextlib.suppress(OSError):

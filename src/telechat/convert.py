@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, iter_tensors, make_temp_dir, remove_stale_temps, weight_files
+from .checkpoint import (CheckpointError, iter_tensors, make_temp_dir, remove_stale_temps, save_tensors,
+                         weight_files)
 from .config import TeleChatConfig
 from .hf import AUTO_MAP, merge_key_value, write_remote_code
 
@@ -71,7 +71,7 @@ def _write_checkpoint(out: Path, config: TeleChatConfig, tensors: dict[str, torc
     """A failed import leaves nothing half-made."""
     config.extra["auto_map"] = dict(AUTO_MAP)
     with _atomic_folder(Path(out)) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         config.save(tmp / "config.json")
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
@@ -362,7 +362,7 @@ def export_vllm(source: str | Path, output: str | Path) -> Path:
                 "hidden_act": "silu", "num_key_value_heads": c.n_kv_head})
     out = Path(output)
     with _atomic_folder(out) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for name in ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                      "special_tokens_map.json", "specail_tokens_map.json", "tokenization_telechat.py"):

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, _skip_init, lazy_tensors, parse_dtype
+from ..checkpoint import (CheckpointError, _skip_init, check_folder_files, check_layer_count, check_memory,
+                          lazy_tensors, parse_dtype)
 from ..config import ConfigError, TeleChatConfig
 from ..default_model import resolve_model
 from ..model import Block, RMSNorm, TeleChat, rope_cos_sin
@@ -43,6 +44,7 @@ def quantize(model: str | Path, output: str | Path, qcfg: QuantConfig, calib: st
     src = resolve_model(model)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a checkpoint folder")
+    check_folder_files(src)
     try:
         config = TeleChatConfig.from_json(src / "config.json")
     except ConfigError as e:
@@ -52,13 +54,15 @@ def quantize(model: str | Path, output: str | Path, qcfg: QuantConfig, calib: st
     out_dtype = parse_dtype(dtype) or torch.float16
     if batch_size < 1:
         raise QuantError(f"batch_size must be >= 1, got {batch_size}")
+    tensors = lazy_tensors(src)
+    check_layer_count(config, tensors, src)  # before building the (meta) model it describes
+    check_memory(config, out_dtype, "cpu", src, bits=qcfg.bits)  # the quantized model is built on CPU
 
     with torch.device("meta"), _skip_init():
         out = TeleChat(config)
     expected = [k for k in out.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")]
     out = out.to(dtype=out_dtype)
     quantize_modules(out, qcfg)  # raises on a layer width the settings cannot store
-    tensors = lazy_tensors(src)
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise CheckpointError(f"{src}: checkpoint lacks {len(missing)} tensor(s) config.json implies: "
