@@ -148,12 +148,13 @@ class Batches:
 
 def id_range(ids, chunk: int = 4096) -> tuple[int, int]:
     """(min, max) of a (memory-mapped) array of token ids; (0, -1) when it is empty."""
-    lo, hi = 0, -1
+    lo, hi = None, None
     for i in range(0, len(ids), chunk):
         part = np.asarray(ids[i:i + chunk])
         if part.size:
-            lo, hi = (int(part.min()), int(part.max())) if hi < lo else (min(lo, int(part.min())), max(hi, int(part.max())))
-    return lo, hi
+            a, b = int(part.min()), int(part.max())
+            lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+    return (0, -1) if lo is None else (lo, hi)
 
 
 def notice(message: str) -> None:
@@ -620,9 +621,9 @@ def check_output(cfg: TrainConfig, announce: bool = True) -> Path | None:
             notice(f"notice: --resume: {out} holds no checkpoint yet; training starts from step 0")
         return ckpt
     if found and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a training run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
-                         "continue it with --resume, train into a new --output folder, or give --overwrite to "
-                         "delete it and start over")
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"{out} already holds a training run ({shown}): continue it with --resume, train into a "
+                         "new --output folder, or give --overwrite to delete it and start over")
     return None
 
 
