@@ -447,7 +447,11 @@ def test_fuzzed_lines_are_all_accounted_for(tmp_path, sp_model, mode):
         seeds = [json.dumps({"input": "hello there", "output": "hi 今天"}).encode(),
                  json.dumps({"input": "<_user>q1<_bot>a1<_user>q2", "output": "a2"}).encode(),
                  json.dumps({"system": "be nice", "dialog": [{"role": "user", "content": "q"},
-                                                              {"role": "bot", "content": "a"}]}).encode()]
+                                                              {"role": "bot", "content": "a"}]}).encode(),
+                 json.dumps({"instruction": "say hi", "input": "to 今天", "output": "hi"}).encode(),
+                 json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}).encode(),
+                 json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "a"}]}).encode()]
     else:
         seeds = [json.dumps({"text": WORDS}).encode(), json.dumps({"data": "今天 " * 5, "text": 1}).encode()]
     lines = [mutate(rng, seeds[i % len(seeds)]) if i % 5 else seeds[i % len(seeds)] for i in range(1500)]
@@ -463,4 +467,4 @@ def test_fuzzed_lines_are_all_accounted_for(tmp_path, sp_model, mode):
         used = m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"]
     assert used + m["skipped_total"] == records and used >= 300 and m["skipped_total"] >= 300
     assert set(m["skipped"]) <= {"invalid_json", "bad_encoding", "missing_field", "unequal_markers", "unequal_turns",
-                                 "empty_answer", "empty_text", "too_long"}
+                                 "empty_answer", "empty_text", "too_long", "unknown_format", "unsupported_role"}

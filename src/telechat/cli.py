@@ -380,15 +380,21 @@ def tokenizer_train(input: list[str], output: str, vocab_size: int = 160256, min
 def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["sft", "pretrain"] = "sft",
                  data_json: str | None = None, num_samples: int | None = None, input: list[str] | None = None,
                  text_field: str | None = None, val_fraction: float = 0.01, num_workers: int = 1,
-                 seed: int = 0, max_line_bytes: int | None = None) -> int:
+                 seed: int = 0, max_line_bytes: int | None = None,
+                 chat_format: Literal["auto", "telechat", "template"] = "auto") -> int:
     """Prepare training data as memory-mappable arrays plus manifest.json.
 
-    --mode sft (TeleChat's recipe): --data-json maps dialogue files ({"input","output"} with
-    <_user>/<_bot> markers, or {"system","dialog":[...]}) to weights (w < 1 keeps a record with
-    probability w; w >= 1 keeps floor(w) copies plus one with probability frac(w)). Each turn is
-    [<_user>] q [<_bot>] a [<_end>]; whole dialogues are packed greedily into --max-seq-len and
-    left-padded; the loss mask covers <_user> and each <_bot>..<_end>. Writes input_ids.npy,
-    loss_mask.npy, segment_ids.npy. --mode pretrain: --input files (jsonl with --text-field,
+    --mode sft: --data-json maps dialogue files to weights (w < 1 keeps a record with probability
+    w; w >= 1 keeps floor(w) copies plus one with probability frac(w)). Files are JSON lines, or
+    .json files holding one array (LLaMA-Factory's); each record's format is told from its fields:
+    TeleChat {"input","output"} with <_user>/<_bot> markers, TeleChat2 {"system","dialog":[...]},
+    alpaca {"instruction","input","output"[,"system","history"]}, sharegpt {"conversations":
+    [{"from","value"}]} or OpenAI {"messages":[{"role","content"}]}. With TeleChat's chat format
+    each turn is [<_user>] q [<_bot>] a [<_end>] and the loss mask covers <_user> and each
+    <_bot>..<_end>; with the model's own chat template (e.g. ChatML) the dialogue is rendered by
+    it and only the assistant turns (through their end-of-turn token) get loss. Whole dialogues
+    are packed greedily into --max-seq-len and left-padded. Writes input_ids.npy, loss_mask.npy,
+    segment_ids.npy. --mode pretrain: --input files (jsonl with --text-field,
     default "data" then "text"; other files are one document each), each document + <_end>, cut
     into fixed-length blocks, with a validation split (train/ and val/); the training split always
     gets a block, and an empty or oversized validation split is a warning. Bad records (bad JSON or
@@ -397,7 +403,7 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
 
     Args:
         output: folder to write (replaced if it is a prepared dataset).
-        tokenizer: tokenizer folder or file (needs <_user>, <_bot>, <_end> and a pad token for sft).
+        tokenizer: tokenizer or model folder, tokenizer file, or "default" (the default model's).
         max_seq_len: tokens per sample.
         mode: sft or pretrain.
         data_json: sft: {"file.jsonl": weight, ...} (paths relative to this file).
@@ -408,6 +414,8 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
         num_workers: tokenizer processes.
         seed: seed of the weighting, the order and the split.
         max_line_bytes: skip longer lines (default: sft max(1 MiB, 256 x max-seq-len); pretrain 64 MiB).
+        chat_format: sft: telechat (<_user>/<_bot>/<_end> tokens) or template (the tokenizer's
+            chat_template); auto: telechat when the tokenizer has those tokens, else its template.
     """
     from .data.prepare import DataError, prepare_pretrain, prepare_sft
 
@@ -415,8 +423,10 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
         if mode == "sft":
             if not data_json:
                 raise DataError("--mode sft needs --data-json")
-            m = prepare_sft(data_json, tokenizer, max_seq_len, output, num_samples, num_workers, seed, max_line_bytes)
-            print(f"wrote {m['num_samples']} samples x {max_seq_len} to {output}: {m['dialogues']} dialogues, "
+            m = prepare_sft(data_json, tokenizer, max_seq_len, output, num_samples, num_workers, seed, max_line_bytes,
+                            None if chat_format == "auto" else chat_format)
+            print(f"wrote {m['num_samples']} samples x {max_seq_len} to {output} ({m['chat_format']} format): "
+                  f"{m['dialogues']} dialogues, "
                   f"{m['tokens']:,} tokens ({m['fill']:.1%} filled), {m['loss_tokens']:,} with loss, "
                   f"{m['truncated_dialogues']} truncated, {m['skipped_total']} skipped in {m['seconds']:.1f}s")
         else:

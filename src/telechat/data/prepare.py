@@ -10,6 +10,7 @@ parent, so the output is byte-identical whatever the number of workers.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..tokenizer import Tokenizer, load_tokenizer
+from .formats import (CHAT_FORMATS, detect_format, encode_template, parse_alpaca, parse_messages, template_sha256,
+                      unknown_format)
 
 FORMAT = "telechat-prepared-v1"
 MAX_EXAMPLES = 5  # file:line examples kept per skip reason
@@ -39,6 +42,7 @@ SFT_MIN_LINE_BYTES = 1 << 20
 PRETRAIN_MAX_LINE_BYTES = 64 << 20
 PIECE_CHARS = 1 << 16  # long documents are tokenized in pieces of about this many characters
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_REASON = re.compile("[a-z_]+")  # "reason: detail" of our own ValueErrors; others are the tokenizer's
 
 _TOKENIZER: Tokenizer | None = None  # per worker process
 
@@ -116,6 +120,119 @@ def read_lines(path: str | Path, max_bytes: int):
                 yield n, held.pop(), size  # this suspended frame keeps no reference to the line
 
 
+def is_json_array(path: str | Path) -> bool:
+    """A .json file whose first non-blank byte is "[" (LLaMA-Factory's datasets); other files are JSON lines."""
+    if Path(path).suffix != ".json":
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip(b" \t\r\n\xef\xbb\xbf")  # a UTF-8 BOM too
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    return head[:1] == b"["
+
+
+_JSON_MARKS = re.compile(rb'["\\\[\]{},\n]')
+
+
+def read_json_array(path: str | Path, max_bytes: int):
+    """(line number, raw bytes | None | "reason: detail", length in bytes) of each element of a
+    file holding one JSON array, the line being where the element starts. Like read_lines, it
+    streams: an element over max_bytes is read past without being held (None), so memory does not
+    grow with the file or the largest element. Brackets, commas and strings are tracked by a scan
+    over the bytes; the elements themselves are parsed later, like lines."""
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    depth, in_str, skip, line, closed = 0, False, -1, 1, False  # skip: a byte escaped by a backslash
+    held, size, start = bytearray(), 0, None  # the current element: bytes (None once over the cap), line
+
+    def add(seg: bytes) -> None:
+        nonlocal held, size, start
+        if start is None:
+            rest = seg.lstrip()
+            if rest:
+                start = line - rest.count(b"\n")  # `line` is the line at the end of seg
+        size += len(seg)
+        if held is not None:
+            if size <= max_bytes:
+                held += seg
+            else:
+                held = None
+
+    def finish():
+        nonlocal held, size, start
+        out = None if start is None else (start, None if held is None else bytes(held).strip(), size)
+        held, size, start = bytearray(), 0, None
+        return out
+
+    with fh:
+        while True:
+            try:
+                chunk = fh.read(1 << 20)
+            except OSError as e:
+                raise DataError(f"{path}: cannot read after line {line} ({e.strerror or e})") from None
+            if not chunk:
+                break
+            pos = 0  # chunk[pos:] is not yet added to the current element
+            for m in _JSON_MARKS.finditer(chunk):
+                i = m.start()
+                c = chunk[i]
+                if i == skip:
+                    continue
+                if c == 0x0A:
+                    line += 1
+                elif in_str:
+                    if c == 0x5C:
+                        skip = i + 1
+                    elif c == 0x22:
+                        in_str = False
+                elif c == 0x22:
+                    in_str = True
+                elif c in b"[{":
+                    if depth == 0:
+                        if closed or c != 0x5B:
+                            yield line, "invalid_json: more than one JSON value in the file", 0
+                            return
+                        pos = i + 1
+                    depth += 1
+                elif c in b"]}":
+                    depth -= 1
+                    if depth == 0:
+                        if c != 0x5D:
+                            yield line, "invalid_json: unbalanced brackets", 0
+                            return
+                        add(chunk[pos:i])  # the array's "]": its last element ends here
+                        out = finish()
+                        if out:
+                            yield out
+                        closed, pos = True, i + 1
+                elif c == 0x2C and depth == 1:  # a "," between elements
+                    add(chunk[pos:i])
+                    out = finish()
+                    if out:
+                        yield out
+                    pos = i + 1
+            skip = skip - len(chunk) if skip >= len(chunk) else -1
+            if depth > 0:
+                add(chunk[pos:])
+            elif closed and chunk[pos:].strip():
+                yield line, "invalid_json: data after the JSON array's closing ]", 0
+                return
+    if not closed:
+        out = finish()
+        if out:
+            yield out  # parsed later: reported as bad JSON, with its line
+        yield line, "invalid_json: the file ends inside the JSON array (no closing ])", 0
+
+
+def read_records(path: str | Path, max_bytes: int):
+    """read_json_array for a .json file holding an array, else read_lines."""
+    return read_json_array(path, max_bytes) if is_json_array(path) else read_lines(path, max_bytes)
+
+
 def _too_large(size: int, max_bytes: int, what: str = "line") -> str:
     return f"too_large: {what} of {size:,} bytes is over the limit of {max_bytes:,} (--max-line-bytes)"
 
@@ -130,6 +247,12 @@ def copies(weight: float, rng: np.random.Generator) -> int:
 # ---- one record -> ids and loss mask (runs in workers) ------------------------------------------
 def parse_dialogue(raw: bytes) -> tuple[str | None, list[tuple[str, str]]]:
     """(system, [(question, answer), ...]) of one JSON line, or ValueError("reason: detail")."""
+    return parse_record(raw)[1:]
+
+
+def parse_record(raw: bytes) -> tuple[str, str | None, list[tuple[str, str]]]:
+    """(record format, system, turns) of one JSON record in any of formats.RECORD_FORMATS, told
+    apart by its fields; ValueError("reason: detail") for a bad or unknown one."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -137,24 +260,41 @@ def parse_dialogue(raw: bytes) -> tuple[str | None, list[tuple[str, str]]]:
     rec = _json(text)
     if not isinstance(rec, dict):
         raise ValueError(f"invalid_json: expected an object, got {type(rec).__name__}")
-    if "dialog" in rec:
-        system, dialog = rec.get("system"), rec["dialog"]
-        if system is not None and not isinstance(system, str):
-            raise ValueError("missing_field: 'system' must be a string")
-        if not isinstance(dialog, list) or not dialog:
-            raise ValueError("missing_field: 'dialog' must be a non-empty list")
-        turns = []
-        for i in range(0, len(dialog), 2):
-            pair = dialog[i:i + 2]
-            roles = [m.get("role") if isinstance(m, dict) else None for m in pair]
-            if roles != ["user", "bot"][:len(pair)] or len(pair) < 2:
-                raise ValueError(f"unequal_turns: dialog must alternate user/bot and end with bot (at {i}: {roles})")
-            if not all(isinstance(m.get("content"), str) for m in pair):
-                raise ValueError(f"missing_field: dialog[{i}] content must be a string")
-            turns.append((pair[0]["content"], pair[1]["content"]))
-        if system:
-            _no_surrogates(system, "the system prompt")
-        return system or None, _checked(turns)
+    fmt = detect_format(rec)
+    if fmt is None:
+        raise unknown_format(rec)
+    if fmt == "telechat":
+        return fmt, None, _parse_telechat(rec)
+    if fmt == "alpaca":
+        system, turns = parse_alpaca(rec)
+    elif fmt in ("sharegpt", "openai"):
+        system, turns = parse_messages(rec, fmt)
+    else:
+        system, turns = _parse_telechat2(rec)
+    if system:
+        _no_surrogates(system, "the system prompt")
+    return fmt, system, _checked(turns)
+
+
+def _parse_telechat2(rec: dict) -> tuple[str | None, list[tuple[str, str]]]:
+    system, dialog = rec.get("system"), rec["dialog"]
+    if system is not None and not isinstance(system, str):
+        raise ValueError("missing_field: 'system' must be a string")
+    if not isinstance(dialog, list) or not dialog:
+        raise ValueError("missing_field: 'dialog' must be a non-empty list")
+    turns = []
+    for i in range(0, len(dialog), 2):
+        pair = dialog[i:i + 2]
+        roles = [m.get("role") if isinstance(m, dict) else None for m in pair]
+        if roles != ["user", "bot"][:len(pair)] or len(pair) < 2:
+            raise ValueError(f"unequal_turns: dialog must alternate user/bot and end with bot (at {i}: {roles})")
+        if not all(isinstance(m.get("content"), str) for m in pair):
+            raise ValueError(f"missing_field: dialog[{i}] content must be a string")
+        turns.append((pair[0]["content"], pair[1]["content"]))
+    return system or None, turns
+
+
+def _parse_telechat(rec: dict) -> list[tuple[str, str]]:
     if "input" not in rec or "output" not in rec:
         missing = [k for k in ("input", "output") if k not in rec]
         raise ValueError(f"missing_field: no {' and no '.join(repr(k) for k in missing)}")
@@ -164,7 +304,7 @@ def parse_dialogue(raw: bytes) -> tuple[str | None, list[tuple[str, str]]]:
     if inp.count("<_user>") != inp.count("<_bot>") + 1 and not (inp.count("<_user>") == 0 == inp.count("<_bot>")):
         raise ValueError(f"unequal_markers: {inp.count('<_user>')} <_user> and {inp.count('<_bot>')} <_bot> in input")
     if "<_user>" not in inp:
-        return None, _checked([(inp, out)])
+        return _checked([(inp, out)])
     if not inp.startswith("<_user>"):
         raise ValueError("unequal_markers: input must start with <_user>")
     turns = []
@@ -172,7 +312,7 @@ def parse_dialogue(raw: bytes) -> tuple[str | None, list[tuple[str, str]]]:
         q, _, a = chunk.partition("<_bot>")
         turns.append([q, a])
     turns[-1][1] = out
-    return None, _checked([tuple(t) for t in turns])
+    return _checked([tuple(t) for t in turns])
 
 
 def _json(text: str):
@@ -228,26 +368,32 @@ def encode_dialogue(tok: Tokenizer, system: str | None, turns: list[tuple[str, s
     return np.asarray(ids, np.int32), mask, lengths
 
 
-def _sft_worker(task):
-    """[(meta, (ids, loss mask, part lengths, has_system) | "reason: detail")] for a chunk of
-    (meta, raw line | "reason: detail") items. One bad record never stops the others."""
+def _sft_worker(chat_format: str, task):
+    """[(meta, (ids, loss mask, part lengths, has a prefix part, record format) | "reason: detail")]
+    for a chunk of (meta, raw line | "reason: detail") items, in `chat_format` ("telechat": the
+    control tokens, "template": the tokenizer's chat template). One bad record never stops the others."""
     out = []
     for meta, raw in task:
         if isinstance(raw, str):  # already judged by the reader
             out.append((meta, raw))
             continue
         try:
-            system, turns = parse_dialogue(raw)
-            if system and _TOKENIZER.system_id is None:
-                raise ValueError("no_system_token: the record has a system prompt and the tokenizer no <_system>")
-            ids, mask, lengths = encode_dialogue(_TOKENIZER, system, turns)
+            fmt, system, turns = parse_record(raw)
+            if chat_format == "template":
+                ids, mask, lengths, prefix = encode_template(_TOKENIZER, system, turns)
+            else:
+                if system and _TOKENIZER.system_id is None:
+                    raise ValueError("no_system_token: the record has a system prompt and the tokenizer no <_system>")
+                ids, mask, lengths = encode_dialogue(_TOKENIZER, system, turns)
+                prefix = bool(system)
         except ValueError as e:
-            out.append((meta, str(e)))
+            reason = str(e).partition(": ")[0]
+            out.append((meta, str(e) if _REASON.fullmatch(reason) else f"tokenizer_error: {type(e).__name__}: {e}"))
             continue
-        except Exception as e:  # a tokenizer failing on odd text: that record only
+        except Exception as e:  # a tokenizer or template failing on odd text: that record only
             out.append((meta, f"tokenizer_error: {type(e).__name__}: {e}"))
             continue
-        out.append((meta, (ids, mask, lengths, bool(system))))
+        out.append((meta, (ids, mask, lengths, prefix, fmt)))
     return out
 
 
@@ -390,8 +536,14 @@ def tokenizer_manifest(tok: Tokenizer, path: str | Path) -> dict:
 
 def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, output: str | Path,
                 num_samples: int | None = None, num_workers: int = 1, seed: int = 0,
-                max_line_bytes: int | None = None) -> dict:
+                max_line_bytes: int | None = None, chat_format: str | None = None) -> dict:
     """Pack weighted dialogues into `num_samples` left-padded samples (all of them once if None).
+
+    Records may be in any of formats.RECORD_FORMATS (told apart per record by its fields), in
+    JSON-lines files or .json files holding one array. `chat_format` "telechat" lays dialogues out
+    with TeleChat's control tokens, "template" with the tokenizer's own chat template (loss on the
+    assistant turns only); None picks "telechat" when the tokenizer has <_user> and <_bot>, else
+    "template" when it has a chat template. `tokenizer` "default" is the default model's.
 
     Writes input_ids.npy [N, L] int32, loss_mask.npy [N, L] uint8, segment_ids.npy [N, L] uint16
     (0 = padding, k = the k-th dialogue of the sample, for per-dialogue attention) and manifest.json.
@@ -402,11 +554,15 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
         raise DataError(f"max_seq_len must be >= 4, got {max_seq_len}")
     if num_samples is not None and num_samples < 1:
         raise DataError(f"num_samples must be >= 1, got {num_samples}")
+    if chat_format is not None and chat_format not in CHAT_FORMATS:
+        raise DataError(f"chat_format must be one of {', '.join(CHAT_FORMATS)}, got {chat_format!r}")
     cap = _line_cap(max_line_bytes, "sft", max_seq_len)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers are the parallelism
     sources = read_data_json(data_json)
+    tokenizer = resolve_tokenizer(tokenizer)
     tok = load_tokenizer(tokenizer)
-    _check_tokenizer(tok, tokenizer, ("user_id", "bot_id", "eos_id", "pad_id"))
+    chat_format = sft_chat_format(tok, tokenizer, chat_format)
+    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id if tok.eos_id is not None else 0
     t0 = time.perf_counter()
     skips, per_file = _Skips.new(), {}
 
@@ -415,8 +571,8 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
         in the parent (a seeded stream per source file), read lazily."""
         for fi, (f, w) in enumerate(sources):
             rng = np.random.default_rng([seed, fi])
-            stats = per_file.setdefault(str(f), {"weight": w, "records": 0, "selected": 0})
-            for n, raw, size in read_lines(f, cap):
+            stats = per_file.setdefault(str(f), {"weight": w, "records": 0, "selected": 0, "formats": {}})
+            for n, raw, size in read_records(f, cap):
                 stats["records"] += 1
                 k = copies(w, rng)
                 stats["selected"] += k
@@ -425,14 +581,17 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
 
     tasks = _tasks(selected(), lambda item: len(item[1]))
     dialogues, truncated, records = [], 0, 0
-    for results in _map(_sft_worker, tasks, tok, str(tokenizer), num_workers):
+    worker = functools.partial(_sft_worker, chat_format)
+    for results in _map(worker, tasks, tok, str(tokenizer), num_workers):
         for (where, k), res in results:
             records += 1
             if isinstance(res, str):  # counted once per record, however many copies it was given
                 reason, _, detail = res.partition(": ")
                 skips.add(reason, where, detail)
                 continue
-            ids, mask, lengths, has_system = res
+            ids, mask, lengths, has_system, fmt = res
+            formats = per_file[where.rpartition(":")[0]]["formats"]
+            formats[fmt] = formats.get(fmt, 0) + 1
             keep, length = 0, 0
             for n_part in lengths:  # whole parts (system prefix, turns) while they fit
                 if length + n_part > max_seq_len:
@@ -452,7 +611,7 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
 
     samples, epochs = _pack(dialogues, max_seq_len, num_samples, seed)
     N = len(samples)
-    ids = np.full((N, max_seq_len), tok.pad_id, np.int32)
+    ids = np.full((N, max_seq_len), pad_id, np.int32)
     mask = np.zeros((N, max_seq_len), np.uint8)
     seg = np.zeros((N, max_seq_len), np.uint16)
     for s, members in enumerate(samples):
@@ -463,7 +622,8 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
             pos += len(a)
     manifest = {
         "format": FORMAT, "mode": "sft", "max_seq_len": max_seq_len, "seed": seed,
-        "num_samples": N, "epochs": epochs, "pad_id": tok.pad_id,
+        "num_samples": N, "epochs": epochs, "pad_id": pad_id, "chat_format": chat_format,
+        **({"chat_template": template_sha256(tok.chat_template)} if chat_format == "template" else {}),
         "special_ids": {"user": tok.user_id, "bot": tok.bot_id, "end": tok.eos_id, "system": tok.system_id},
         **tokenizer_manifest(tok, tokenizer), "max_line_bytes": cap, "sources": per_file,
         "dialogues": len(dialogues), "truncated_dialogues": truncated, "warnings": [],
@@ -475,6 +635,34 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
     _write(Path(output), {"input_ids": ids, "loss_mask": mask, "segment_ids": seg}, manifest)
     manifest["seconds"] = time.perf_counter() - t0
     return manifest
+
+
+def resolve_tokenizer(tokenizer: str | Path) -> str | Path:
+    """A tokenizer folder or file; "default" is the default model's folder (imported on first use)."""
+    if str(tokenizer) == "default":
+        from ..default_model import resolve_model
+
+        return resolve_model("default")
+    return tokenizer
+
+
+def sft_chat_format(tok: Tokenizer, path, chat_format: str | None = None) -> str:
+    """The chat format SFT data gets with this tokenizer (see prepare_sft), checking that it can."""
+    telechat_ok = tok.user_id is not None and tok.bot_id is not None
+    if chat_format is None:
+        chat_format = "telechat" if telechat_ok or not tok.chat_template else "template"
+    if chat_format == "template":
+        if not tok.chat_template:
+            raise DataError(f"{path}: the tokenizer has no chat_template (tokenizer_config.json), so "
+                            "--chat-format template cannot be used")
+        return chat_format
+    missing = [n for n, i in (("<_user>", tok.user_id), ("<_bot>", tok.bot_id), ("<_end>", tok.eos_id),
+                              ("pad", tok.pad_id)) if i is None]
+    if missing:
+        raise DataError(f"{path}: the tokenizer has no {', '.join(missing)} token{'s' if len(missing) > 1 else ''} "
+                        "and no chat_template: TeleChat data needs <_user>, <_bot>, <_end> and a pad token, other "
+                        "chat models a chat_template in tokenizer_config.json")
+    return chat_format
 
 
 def _pack(dialogues: list, max_seq_len: int, num_samples: int | None, seed: int) -> tuple[list[list[int]], int]:
@@ -507,10 +695,14 @@ def _documents(files: list[Path], text_field: str | None, skips: _Skips, cap: in
     fields = [text_field] if text_field else ["data", "text", "content"]
     for f in files:
         if f.suffix in (".jsonl", ".json"):
-            for n, raw, size in read_lines(f, cap):
+            for n, raw, size in read_records(f, cap):
                 where = f"{f}:{n}"
                 if raw is None:
                     skips.add("too_large", where, _too_large(size, cap).partition(": ")[2])
+                    continue
+                if isinstance(raw, str):  # a JSON array's structure is broken here
+                    reason, _, detail = raw.partition(": ")
+                    skips.add(reason, where, detail)
                     continue
                 try:
                     text = raw.decode("utf-8")
@@ -592,6 +784,7 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer: str | Path, max_seq_le
     cap = _line_cap(max_line_bytes, "pretrain", max_seq_len)
     files = _check_inputs(inputs)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = resolve_tokenizer(tokenizer)
     tok = load_tokenizer(tokenizer)
     _check_tokenizer(tok, tokenizer, ("eos_id",))
     t0 = time.perf_counter()
