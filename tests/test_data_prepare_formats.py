@@ -405,16 +405,16 @@ def test_json_array_elements_have_their_line_numbers(tmp_path, chatml_dir):
     good = json.dumps(ALPACA[1])
     text = ("\ufeff[\n" + json.dumps(ALPACA[0], indent=2) + ",\n"   # 2: good, over 5 lines
             + '  {"instruction": "q", "output": ""},\n'               # 7: empty answer
-            + '  {"x": "a ] } , \\" [ {"},\n'                         # 8: unknown shape, brackets in a string
-            + "  3,\n"                                                # 9: not an object
-            + '  {"instruction": "' + "y" * 400 + '", "output": "z"},\n'  # 10: too large
-            + "\n  " + good + "\n]\n")                                # 12: good
+            + '  {"x": "a ] } , \\" [ {",\n   "y": 2},\n'              # 8-9: unknown shape, brackets in a string
+            + "  3,\n"                                                # 10: not an object
+            + '  {"instruction": "' + "y" * 400 + '",\n "output": "z"},\n'  # 11-12: too large
+            + "\n  " + good + "\n]\n")                                # 14: good
     f = tmp_path / "a.json"
     f.write_text(text, encoding="utf-8")
     m = prepare_sft(data_json(tmp_path, {"a.json": 1}), chatml_dir, 256, tmp_path / "out", max_line_bytes=300)
     assert m["dialogues"] == 2 and m["sources"][str(f)]["records"] == 6
     assert {r: [x.split(": ")[0] for x in v["first"]] for r, v in m["skipped"].items()} == {
-        "empty_answer": [f"{f}:7"], "unknown_format": [f"{f}:8"], "invalid_json": [f"{f}:9"], "too_large": [f"{f}:10"]}
+        "empty_answer": [f"{f}:7"], "unknown_format": [f"{f}:8"], "invalid_json": [f"{f}:10"], "too_large": [f"{f}:11"]}
 
 
 @pytest.mark.parametrize("text, want", [
@@ -477,3 +477,20 @@ def test_shared_llama_factory_demos(tmp_path, chatml_dir):
         assert m["sources"][str(p)]["records"] == len(json.loads(p.read_text(encoding="utf-8"))), n
     assert set(m["skipped"]) <= {"too_long", "unequal_turns"}  # DPO records: a question, two answers
     assert m["sources"][str(files["dpo_en_demo.json"])]["formats"] == {}  # chosen/rejected: no SFT format
+
+
+def test_a_tokenizer_valueerror_is_a_tokenizer_error(tmp_path, chatml_dir, monkeypatch):
+    """A ValueError from the tokenizer library is reported as tokenizer_error, not as a reason of its own."""
+    from telechat.data import formats
+
+    real = formats.token_starts
+
+    def flaky(tok, text):
+        if "BOOM" in text:
+            raise ValueError("out_type is deprecated. Use something else")
+        return real(tok, text)
+
+    monkeypatch.setattr(formats, "token_starts", flaky)
+    dj = one_file(tmp_path, [{"instruction": "BOOM", "output": "x"}, {"instruction": "ok", "output": "fine"}])
+    m = prepare_sft(dj, chatml_dir, 128, tmp_path / "out")
+    assert list(m["skipped"]) == ["tokenizer_error"] and "deprecated" in m["skipped"]["tokenizer_error"]["first"][0]
