@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -219,38 +218,49 @@ class Hung(Exception):
     pass
 
 
+# Frees a reader blocked on a FIFO of the folder by opening it for writing, after a delay. A separate
+# process, because a native open() (Rust, C++) holds the GIL and retries on EINTR: no thread or signal
+# handler of the blocked process would ever run.
+UNBLOCK = """
+import os, sys, time
+from pathlib import Path
+folder, seconds, marker = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+time.sleep(seconds)
+marker.write_text("blocked")
+while True:
+    for p in folder.rglob("*"):
+        if p.is_fifo():
+            try:
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+    time.sleep(0.2)
+"""
+
+
 @contextlib.contextmanager
 def deadline(seconds: int, folder: Path):
-    """Turn a hang into a failure: SIGALRM stops Python code (a huge model being built); a native
-    open() of a FIFO retries on EINTR, so a watchdog opens the folder's FIFOs for writing to free it."""
-    done, hung = threading.Event(), threading.Event()
-
+    """Turn a hang into a failure: SIGALRM stops Python code (a huge model being built), and a helper
+    process frees a reader blocked on one of the folder's FIFOs."""
     def alarm(signum, frame):
         raise Hung(f"still running after {seconds}s")
 
-    def watchdog():
-        if done.wait(seconds):
-            return
-        hung.set()
-        while not done.wait(0.2):
-            for p in folder.rglob("*"):
-                if p.is_fifo():
-                    with contextlib.suppress(OSError):
-                        os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
-
+    marker = folder.parent / f"{folder.name}.blocked"
+    helper = None
+    if any(p.is_fifo() for p in folder.rglob("*")):
+        helper = subprocess.Popen([sys.executable, "-c", UNBLOCK, str(folder), str(seconds), str(marker)])
     old = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
-    thread = threading.Thread(target=watchdog, daemon=True)
-    thread.start()
     try:
         yield
     finally:
-        done.set()
-        thread.join()
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-    if hung.is_set():
-        raise Hung(f"blocked for more than {seconds}s")
+        if helper is not None:
+            helper.kill()
+            helper.wait()
+    if marker.exists():
+        raise Hung(f"blocked on a FIFO for more than {seconds}s")
 
 
 def make_case(name: str, tiny_dir: Path, tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
@@ -297,3 +307,39 @@ def test_cli_info_reports_one_line(name, tiny_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert all(s in lines[0] for s in expect), lines[0]
 
+
+
+# ---- `telechat import` of a malformed HF folder -------------------------------------------------------
+LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+         "num_attention_heads": 4, "intermediate_size": 48}
+IMPORT_CASES = {
+    "config a list": ("[1]", "object"),
+    "config deeply nested": (DEEP, "nest"),
+    "heads 0": ({**LLAMA, "num_attention_heads": 0}, "num_attention_heads"),
+    "hidden_size a string": ({**LLAMA, "hidden_size": "32"}, "hidden_size"),
+    "vocab_size missing": ({k: v for k, v in LLAMA.items() if k != "vocab_size"}, "vocab_size"),
+    "vocab_size negative": ({**LLAMA, "vocab_size": -3}, "vocab_size"),
+    "rope_theta a string": ({**LLAMA, "rope_theta": "x"}, "config.json"),
+    "rope_parameters a list": ({**LLAMA, "rope_parameters": [1]}, "rope_parameters"),
+    "config a FIFO": (None, "FIFO"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPORT_CASES))
+def test_malformed_import_source_refused(name, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    config, expect = IMPORT_CASES[name]
+    src = tmp_path / "src"
+    src.mkdir()
+    if config is None:
+        os.mkfifo(src / "config.json")
+    else:
+        (src / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    save_file({"x": torch.zeros(1)}, str(src / "model.safetensors"))
+    with deadline(60, src):
+        rc = cli_main(["import", str(src), "--output", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "config.json" in err and expect in err, err
+    assert not (tmp_path / "out").exists()

@@ -164,7 +164,8 @@ def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
 
-@pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+@pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
+                         ids=["umask-022", "umask-027"])
 def test_outputs_get_the_umask_modes(umask, dir_mode, file_mode, float_dir, hf_dir, tmp_path):
     old = os.umask(umask)
     try:
@@ -182,3 +183,13 @@ def test_outputs_get_the_umask_modes(umask, dir_mode, file_mode, float_dir, hf_d
         files = [f for f in out.iterdir() if f.is_file()]
         assert files and all(_mode(f) == file_mode for f in files), (what, {f.name: oct(_mode(f)) for f in files})
     assert _mode(tmp_path / "nested") == dir_mode
+
+
+def test_unwritable_output_is_a_one_line_error(float_dir, tmp_path, capsys):
+    from telechat.cli import main
+
+    (tmp_path / "file.txt").write_text("not a folder")
+    rc = main(["quantize", "--model", str(float_dir), "--output", str(tmp_path / "file.txt" / "q"), *QUANT_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and "file.txt" in err, err
+    assert temps(tmp_path) == []

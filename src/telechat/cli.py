@@ -729,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an output folder that cannot be written, a disk that is full: the OS names the file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import (CheckpointError, iter_tensors, make_temp_dir, remove_stale_temps, save_tensors,
                          weight_files)
-from .config import TeleChatConfig
+from .config import ConfigError, TeleChatConfig, check_regular_file, read_json
 from .hf import AUTO_MAP, merge_key_value, write_remote_code
 
 
@@ -157,19 +157,7 @@ def gguf_tokenizer(reader) -> tuple[str, dict]:
     return tok.to_str(), {k: v for k, v in cfg.items() if v is not None}
 
 
-def import_gguf(path: str | Path, output: str | Path, progress: bool = True) -> Path:
-    """Convert a GGUF file of a LLaMA-family model (any GGML quantization, dequantized to fp32)."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    path = Path(path)
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama')")
+def _gguf_config(reader, path: Path) -> tuple[TeleChatConfig, int, int]:
     g = lambda key, default=None: _gguf_field(reader, f"llama.{key}", default)  # noqa: E731
     n_head = int(g("attention.head_count"))
     n_kv = int(g("attention.head_count_kv", n_head))
@@ -189,6 +177,28 @@ def import_gguf(path: str | Path, output: str | Path, progress: bool = True) -> 
         context=int(g("context_length", 2048)), tied="output.weight" not in names,
         bos=tok_id("tokenizer.ggml.bos_token_id"), eos=tok_id("tokenizer.ggml.eos_token_id"),
         pad=tok_id("tokenizer.ggml.padding_token_id"), unk=tok_id("tokenizer.ggml.unknown_token_id"))
+    return config, n_head, n_kv
+
+
+def import_gguf(path: str | Path, output: str | Path, progress: bool = True) -> Path:
+    """Convert a GGUF file of a LLaMA-family model (any GGML quantization, dequantized to fp32)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama')")
+    try:
+        config, n_head, n_kv = _gguf_config(reader, path)
+    except CheckpointError:
+        raise
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as e:  # metadata missing or of the wrong type
+        raise CheckpointError(f"{path}: missing or malformed GGUF metadata ({type(e).__name__}: {e})") from None
     raw: dict[str, torch.Tensor] = {}
     bar = _progress(len(reader.tensors), f"importing {path.name}", progress)
     for t in reader.tensors:
@@ -249,10 +259,20 @@ def _assemble(config: TeleChatConfig, take, names: dict[str, str], source: str) 
 def import_hf(path: str | Path, output: str | Path, progress: bool = True) -> Path:
     """Convert an HF LLaMA-style folder (Llama, Mistral without sliding window, Qwen2; safetensors or bin)."""
     path = Path(path)
+    cfg_file = path / "config.json"
     try:
-        hf = json.loads((path / "config.json").read_text())
+        hf = read_json(cfg_file, CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no config.json") from None
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if hf.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{cfg_file}: missing required field(s): {', '.join(missing)}")
+    for k in ("hidden_size", "num_attention_heads"):
+        if isinstance(hf[k], bool) or not isinstance(hf[k], int) or hf[k] < 1:
+            raise CheckpointError(f"{cfg_file}: {k} must be an integer >= 1, got {hf[k]!r:.60}")
+    if not isinstance(hf.get("rope_parameters") or {}, dict):
+        raise CheckpointError(f"{cfg_file}: rope_parameters must be an object")
     model_type = hf.get("model_type")
     if model_type not in ("llama", "mistral", "qwen2"):
         raise CheckpointError(f"{path}: model_type {model_type!r} is not supported "
@@ -277,13 +297,16 @@ def import_hf(path: str | Path, output: str | Path, progress: bool = True) -> Pa
     def one(v):
         return v[0] if isinstance(v, list) else v
 
-    config = _llama_config(
-        vocab_size=hf["vocab_size"], hidden_size=hidden, n_layer=hf["num_hidden_layers"], n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head, ffn=hf["intermediate_size"],
-        eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-        context=hf.get("max_position_embeddings", 2048), tied=bool(hf.get("tie_word_embeddings", False)),
-        bos=one(hf.get("bos_token_id")), eos=one(hf.get("eos_token_id")), pad=one(hf.get("pad_token_id")), unk=None,
-        qkv_bias=qkv_bias)
+    try:
+        config = _llama_config(
+            vocab_size=hf["vocab_size"], hidden_size=hidden, n_layer=hf["num_hidden_layers"], n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head, ffn=hf["intermediate_size"],
+            eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+            context=hf.get("max_position_embeddings", 2048), tied=bool(hf.get("tie_word_embeddings", False)),
+            bos=one(hf.get("bos_token_id")), eos=one(hf.get("eos_token_id")), pad=one(hf.get("pad_token_id")),
+            unk=None, qkv_bias=qkv_bias)
+    except (ConfigError, TypeError, ValueError) as e:  # float(rope_theta="x"), a bad size, ...
+        raise CheckpointError(f"{cfg_file}: {e}") from None
     raw: dict[str, torch.Tensor] = {}
     files = weight_files(path)
     bar = _progress(len(files), f"importing {path.name}", progress)
@@ -306,16 +329,19 @@ def import_hf(path: str | Path, output: str | Path, progress: bool = True) -> Pa
     leftover = [k for k in raw if not k.endswith("rotary_emb.inv_freq")]
     if leftover:
         raise CheckpointError(f"{path}: unexpected tensors: {', '.join(leftover[:10])}")
-    tokenizer_json = (path / "tokenizer.json").read_text(encoding="utf-8") if (path / "tokenizer.json").exists() else None
+    tokenizer_json = None
+    if os.path.lexists(path / "tokenizer.json"):
+        check_regular_file(path / "tokenizer.json", CheckpointError)
+        tokenizer_json = (path / "tokenizer.json").read_text(encoding="utf-8")
     tokenizer_config = {}
-    if (path / "tokenizer_config.json").exists():
-        tokenizer_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if os.path.lexists(path / "tokenizer_config.json"):
+        tokenizer_config = read_json(path / "tokenizer_config.json", CheckpointError)
         tokenizer_config = {k: v for k, v in tokenizer_config.items() if k != "auto_map"}
     if "chat_template" not in tokenizer_config and (path / "chat_template.jinja").exists():
         tokenizer_config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
     gen = _generation_config(config, tokenizer_config, tokenizer_json)
-    if (path / "generation_config.json").exists():
-        gen.update({k: v for k, v in json.loads((path / "generation_config.json").read_text()).items()
+    if os.path.lexists(path / "generation_config.json"):
+        gen.update({k: v for k, v in read_json(path / "generation_config.json", CheckpointError).items()
                     if k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
                              "max_new_tokens")})
     _write_checkpoint(Path(output), config, tensors, tokenizer_json, tokenizer_config, gen)
