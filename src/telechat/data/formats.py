@@ -188,11 +188,15 @@ def encode_template(tok: Tokenizer, system: str | None, turns: list[tuple[str, s
     for q, a in turns:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
+    rendered: dict = {}
+
     def render(n: int, gen: bool) -> str:
-        try:
-            return template.render(messages=messages[:n], add_generation_prompt=gen, **specials)
-        except Exception as e:  # the template's raise_exception, or any Jinja error: that record only
-            raise ValueError(f"template_error: {type(e).__name__}: {e}") from None
+        if (n, gen) not in rendered:  # the end of one turn is the start of the next
+            try:
+                rendered[n, gen] = template.render(messages=messages[:n], add_generation_prompt=gen, **specials)
+            except Exception as e:  # the template's raise_exception, or any Jinja error: that record only
+                raise ValueError(f"template_error: {type(e).__name__}: {e}") from None
+        return rendered[n, gen]
 
     full = render(len(messages), False)
     first = 1 if system else 0
@@ -205,9 +209,11 @@ def encode_template(tok: Tokenizer, system: str | None, turns: list[tuple[str, s
                                  "as a prefix of the whole dialogue, so its assistant tokens cannot be located")
         cuts.append(len(points[0]))
         spans.append((len(points[1]), len(points[2])))
+    rendered.clear()
     ids, starts = token_starts(tok, full)
+    ids = np.asarray(ids, np.int32)
     mask = np.zeros(len(ids), np.uint8)
-    special = np.fromiter((i in tok.special_ids for i in ids), bool, len(ids))
+    special = np.isin(ids, np.fromiter(tok.special_ids, np.int64, len(tok.special_ids)))
     for a, b in spans:
         lo, hi = np.searchsorted(starts, a), np.searchsorted(starts, b)
         if lo >= hi:
@@ -218,4 +224,4 @@ def encode_template(tok: Tokenizer, system: str | None, turns: list[tuple[str, s
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     if bounds[0] > 0:
         lengths.insert(0, bounds[0])
-    return np.asarray(ids, np.int32), mask, lengths, bounds[0] > 0
+    return ids, mask, lengths, bounds[0] > 0
