@@ -494,3 +494,23 @@ def test_a_tokenizer_valueerror_is_a_tokenizer_error(tmp_path, chatml_dir, monke
     dj = one_file(tmp_path, [{"instruction": "BOOM", "output": "x"}, {"instruction": "ok", "output": "fine"}])
     m = prepare_sft(dj, chatml_dir, 128, tmp_path / "out")
     assert list(m["skipped"]) == ["tokenizer_error"] and "deprecated" in m["skipped"]["tokenizer_error"]["first"][0]
+
+
+@pytest.mark.slow
+def test_json_array_memory_does_not_grow_with_a_20mb_element(tmp_path, sp_model):
+    from test_data_prepare_robust import peak_mb
+
+    small = [{"instruction": f"question {i}", "output": "a short answer"} for i in range(20)]
+    huge = {"instruction": "q", "output": TEXT * (20_000_000 // len(TEXT.encode()))}  # ~20 MB, one element
+    for name, recs in (("base", small), ("big", small[:10] + [huge] + small[10:])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.json").write_text(json.dumps(recs, ensure_ascii=False, indent=1), encoding="utf-8")
+        data_json(tmp_path / name, {"a.json": 1})
+    assert (tmp_path / "big" / "a.json").stat().st_size > 20_000_000
+    base, _ = peak_mb("sft", tmp_path / "base" / "data.json", sp_model, tmp_path / "o1")
+    big, m = peak_mb("sft", tmp_path / "big" / "data.json", sp_model, tmp_path / "o2")
+    # the element is scanned past in 1 MiB reads: never held, parsed or tokenized
+    assert big - base < 16, f"peak {big:.0f} MB with a 20 MB element vs {base:.0f} MB without"
+    f = tmp_path / "big" / "a.json"
+    assert {r: v["first"][0].split(": ")[0] for r, v in m["skipped"].items()} == {"too_large": f"{f}:42"}
+    assert m["dialogues"] == 20
