@@ -1,8 +1,11 @@
 """SFT samples (TeleChat's recipe, spec section 6) and pre-training token blocks, as memory-mappable arrays.
 
-SFT: `data.json` maps dialogue files to weights; each kept dialogue becomes
-`[<_system> system] ([<_user>] q [<_bot>] a [<_end>])*` with loss on `<_user>` and on each
-`<_bot>`..`<_end>` span; whole dialogues are packed greedily into `max_seq_len` and left-padded.
+SFT: `data.json` maps dialogue files (JSON lines, or .json arrays) to weights; records may be in
+any format of formats.RECORD_FORMATS, told apart per record. With TeleChat's chat format each kept
+dialogue becomes `[<_system> system] ([<_user>] q [<_bot>] a [<_end>])*` with loss on `<_user>` and
+on each `<_bot>`..`<_end>` span; with the tokenizer's own chat template (formats.encode_template)
+it is rendered by the template, with loss on the assistant turns. Whole dialogues are packed
+greedily into `max_seq_len` and left-padded. The manifest counts each source's record formats.
 Pre-training: documents + `<_end>`, concatenated and cut into fixed-length blocks.
 
 Workers only parse and tokenize (the costly part); selection, order and packing happen in the
