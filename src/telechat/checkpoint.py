@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import socket
-import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -100,8 +99,9 @@ def _read_index(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: cannot be read (dangling link)") from None
     weight_map = d.get("weight_map")
     if not isinstance(weight_map, dict):
+        got = "nothing" if weight_map is None else type(weight_map).__name__
         raise CheckpointError(f"{index}: unreadable weight index (\"weight_map\" must be an object of "
-                              f"tensor name -> shard file, got {'nothing' if weight_map is None else type(weight_map).__name__})")
+                              f"tensor name -> shard file, got {got})")
     for key, name in weight_map.items():
         # A shard is a file of this folder: no paths, which could point anywhere on the machine.
         if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
