@@ -195,16 +195,35 @@ def test_every_record_format_gives_the_same_sample(tmp_path, chatml_dir, sp_mode
     # TeleChat's own format (no system prompt), and alpaca's "input" after the instruction
     (q1, a1), (q2, a2) = TURNS[:2]
     assert parse_record(json.dumps({"input": f"<_user>{q1}<_bot>{a1}<_user>{q2}", "output": a2}).encode()) == \
-        ("telechat", None, TURNS[:2])
+        ("telechat", None, TURNS[:2], ())
     assert parse_record(json.dumps({"instruction": "Translate", "input": "你好", "output": "hello"}).encode()) == \
-        ("alpaca", None, [("Translate\n你好", "hello")])
+        ("alpaca", None, [("Translate\n你好", "hello")], ())
 
 
 def test_openai_text_parts_and_developer_role():
     rec = {"messages": [{"role": "developer", "content": "sys"},
                         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                         {"role": "assistant", "content": "c"}]}
-    assert parse_messages(rec, "openai") == ("sys", [("ab", "c")])
+    assert parse_messages(rec, "openai") == ("sys", [("ab", "c")], ())
+
+
+def test_openai_weight_zero_turns_are_context_only(tmp_path, chatml_dir, chatml, sp_model, sp_tokenizer):
+    msgs = messages_of(TURNS, SYSTEM)
+    msgs[2]["weight"], msgs[4]["weight"], msgs[6]["weight"] = 0, 0, 1  # the first two answers: no loss
+    dj = one_file(tmp_path, [{"messages": msgs}])
+    prepare_sft(dj, chatml_dir, 256, tmp_path / "c")
+    [(ids, mask)] = dialogues(tmp_path / "c")
+    want_ids, want_mask = chatml_by_hand(chatml, TURNS, SYSTEM)
+    last = len(chatml_by_hand(chatml, TURNS[:2], SYSTEM)[0])
+    assert ids == want_ids and mask == [0] * last + want_mask[last:] and sum(mask) > 0
+    prepare_sft(dj, sp_model, 256, tmp_path / "t")
+    [(ids, mask)] = dialogues(tmp_path / "t")
+    _, _, lengths = prepare.encode_dialogue(sp_tokenizer, SYSTEM, TURNS)
+    cut = sum(lengths[:3])  # the system prompt and the first two turns
+    assert mask[:cut] == [0] * cut and all(mask[cut:][i] for i in (0, -1))
+    # when only context turns fit, the dialogue has nothing to learn: skipped
+    with pytest.raises(DataError, match="no turn with loss fits"):
+        prepare_sft(dj, chatml_dir, last + 2, tmp_path / "x")
 
 
 @pytest.mark.parametrize("rec, reason", [
@@ -239,6 +258,9 @@ def test_openai_text_parts_and_developer_role():
     ({"instruction": "q", "output": "a", "history": [["only one"]]}, "missing_field"),
     ({"instruction": "q", "output": "a", "history": "x"}, "missing_field"),
     ({"instruction": "q", "output": ""}, "empty_answer"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]},
+     "missing_field"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}, "no_loss"),
 ])
 def test_bad_records_of_the_new_formats(rec, reason):
     with pytest.raises(ValueError) as e:

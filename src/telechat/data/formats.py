@@ -80,10 +80,11 @@ def parse_alpaca(rec: dict) -> tuple[str | None, list[tuple[str, str]]]:
     return system or None, turns
 
 
-def parse_messages(rec: dict, fmt: str) -> tuple[str | None, list[tuple[str, str]]]:
+def parse_messages(rec: dict, fmt: str) -> tuple[str | None, list[tuple[str, str]], tuple[int, ...]]:
     """sharegpt `conversations` ({from, value}, or {role, content}) or OpenAI `messages` ({role,
     content}; content a string or a list of text parts): an optional system message first, then
-    user and assistant messages in turn, ending with the assistant."""
+    user and assistant messages in turn, ending with the assistant. Also the turns whose assistant
+    message has OpenAI's `"weight": 0` (kept as context, not trained on)."""
     key = "conversations" if fmt == "sharegpt" else "messages"
     msgs = rec[key]
     if not isinstance(msgs, list) or not msgs:
@@ -91,7 +92,7 @@ def parse_messages(rec: dict, fmt: str) -> tuple[str | None, list[tuple[str, str
     system = rec.get("system")
     if system is not None:
         system = _string(system, "'system'")
-    roles, texts = [], []
+    roles, texts, quiet = [], [], []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise ValueError(f"missing_field: {key}[{i}] must be an object, got {type(m).__name__}")
@@ -112,6 +113,11 @@ def parse_messages(rec: dict, fmt: str) -> tuple[str | None, list[tuple[str, str
             raise ValueError(f"unsupported_role: {key}[{i}] has role {role!r} (expected system, user or assistant)")
         if role == "assistant" and (m.get("tool_calls") or m.get("function_call")):
             raise ValueError(f"unsupported_role: {key}[{i}] is a tool call")
+        if role == "assistant" and "weight" in m:
+            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise ValueError(f"missing_field: {key}[{i}] 'weight' must be 0 or 1, got {m['weight']!r}")
+            if m["weight"] == 0:
+                quiet.append(i)
         if isinstance(text, list):  # OpenAI content parts
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in text):
@@ -119,14 +125,16 @@ def parse_messages(rec: dict, fmt: str) -> tuple[str | None, list[tuple[str, str
             text = "".join(p["text"] for p in text)
         roles.append(role)
         texts.append(_string(text, f"{key}[{i}] {text_key!r}"))
+    first = 0
     if roles[0] == "system":
         system = texts[0]  # the message wins over a top-level field
-        roles, texts = roles[1:], texts[1:]
+        roles, texts, first = roles[1:], texts[1:], 1
     want = ["user", "assistant"] * (len(roles) // 2 + 1)
     if not roles or roles != want[:len(roles)] or roles[-1] != "assistant":
         shown = roles[:6] + (["..."] if len(roles) > 6 else [])
         raise ValueError(f"unequal_turns: {key} must alternate user/assistant and end with assistant (got {shown})")
-    return system or None, [(texts[i], texts[i + 1]) for i in range(0, len(texts), 2)]
+    return system or None, [(texts[i], texts[i + 1]) for i in range(0, len(texts), 2)], \
+        tuple((i - first) // 2 for i in quiet)
 
 
 # ---- chat templates --------------------------------------------------------------------------
@@ -172,7 +180,7 @@ def token_starts(tok: Tokenizer, text: str) -> tuple[list[int], np.ndarray]:
     return [p.id for p in proto.pieces], char_of_byte[np.asarray([p.begin for p in proto.pieces], np.int64)]
 
 
-def encode_template(tok: Tokenizer, system: str | None, turns: list[tuple[str, str]]
+def encode_template(tok: Tokenizer, system: str | None, turns: list[tuple[str, str]], quiet=()
                     ) -> tuple[np.ndarray, np.ndarray, list[int], bool]:
     """(ids int32, loss mask uint8, part lengths, has a prefix part) of a dialogue rendered with the
     tokenizer's chat template and tokenized whole (as chat.build_template_ids does at inference).
@@ -181,7 +189,8 @@ def encode_template(tok: Tokenizer, system: str | None, turns: list[tuple[str, s
     each of which must be a prefix of the whole. Loss: the tokens of each assistant message after
     its generation prompt, through the last special token there (the end-of-turn token, e.g.
     <|im_end|>); what the template puts after it (a newline) and everything else gets none. Parts:
-    what comes before the first user message (the system prompt), then each turn."""
+    what comes before the first user message (the system prompt), then each turn. Turns numbered in
+    `quiet` get no loss."""
     template = compiled_template(tok.chat_template)
     specials = template_specials(tok)
     messages = ([{"role": "system", "content": system}] if system else [])
@@ -214,7 +223,9 @@ def encode_template(tok: Tokenizer, system: str | None, turns: list[tuple[str, s
     ids = np.asarray(ids, np.int32)
     mask = np.zeros(len(ids), np.uint8)
     special = np.isin(ids, np.fromiter(tok.special_ids, np.int64, len(tok.special_ids)))
-    for a, b in spans:
+    for t, (a, b) in enumerate(spans):
+        if t in quiet:
+            continue
         lo, hi = np.searchsorted(starts, a), np.searchsorted(starts, b)
         if lo >= hi:
             raise ValueError("template_error: an assistant message renders to no tokens")

@@ -250,12 +250,13 @@ def copies(weight: float, rng: np.random.Generator) -> int:
 # ---- one record -> ids and loss mask (runs in workers) ------------------------------------------
 def parse_dialogue(raw: bytes) -> tuple[str | None, list[tuple[str, str]]]:
     """(system, [(question, answer), ...]) of one JSON line, or ValueError("reason: detail")."""
-    return parse_record(raw)[1:]
+    return parse_record(raw)[1:3]
 
 
-def parse_record(raw: bytes) -> tuple[str, str | None, list[tuple[str, str]]]:
-    """(record format, system, turns) of one JSON record in any of formats.RECORD_FORMATS, told
-    apart by its fields; ValueError("reason: detail") for a bad or unknown one."""
+def parse_record(raw: bytes) -> tuple[str, str | None, list[tuple[str, str]], tuple[int, ...]]:
+    """(record format, system, turns, turns without loss) of one JSON record in any of
+    formats.RECORD_FORMATS, told apart by its fields; ValueError("reason: detail") for a bad or
+    unknown one. Only OpenAI records can hold turns without loss (`"weight": 0`)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -266,17 +267,21 @@ def parse_record(raw: bytes) -> tuple[str, str | None, list[tuple[str, str]]]:
     fmt = detect_format(rec)
     if fmt is None:
         raise unknown_format(rec)
+    quiet: tuple[int, ...] = ()
     if fmt == "telechat":
-        return fmt, None, _parse_telechat(rec)
+        return fmt, None, _parse_telechat(rec), quiet
     if fmt == "alpaca":
         system, turns = parse_alpaca(rec)
     elif fmt in ("sharegpt", "openai"):
-        system, turns = parse_messages(rec, fmt)
+        system, turns, quiet = parse_messages(rec, fmt)
     else:
         system, turns = _parse_telechat2(rec)
     if system:
         _no_surrogates(system, "the system prompt")
-    return fmt, system, _checked(turns)
+    turns = _checked(turns)
+    if len(quiet) == len(turns):
+        raise ValueError("no_loss: every assistant message has weight 0")
+    return fmt, system, turns, quiet
 
 
 def _parse_telechat2(rec: dict) -> tuple[str | None, list[tuple[str, str]]]:
@@ -344,10 +349,10 @@ def _checked(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return turns
 
 
-def encode_dialogue(tok: Tokenizer, system: str | None, turns: list[tuple[str, str]]
+def encode_dialogue(tok: Tokenizer, system: str | None, turns: list[tuple[str, str]], quiet=()
                     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(ids int32, loss mask uint8, part lengths): the system prefix (if any) and each turn are
-    parts, so a dialogue can be cut at a turn boundary."""
+    parts, so a dialogue can be cut at a turn boundary. Turns numbered in `quiet` get no loss."""
     ids: list[int] = []
     lengths: list[int] = []
     answers: list[tuple[int, int]] = []  # [<_bot> .. <_end>] spans
@@ -365,7 +370,9 @@ def encode_dialogue(tok: Tokenizer, system: str | None, turns: list[tuple[str, s
         answers.append((start, bot))
         lengths.append(len(ids) - start)
     mask = np.zeros(len(ids), np.uint8)
-    for (user, bot), n in zip(answers, lengths[len(lengths) - len(answers):]):
+    for t, ((user, bot), n) in enumerate(zip(answers, lengths[len(lengths) - len(answers):])):
+        if t in quiet:
+            continue
         mask[user] = 1
         mask[bot:user + n] = 1
     return np.asarray(ids, np.int32), mask, lengths
@@ -381,13 +388,13 @@ def _sft_worker(chat_format: str, task):
             out.append((meta, raw))
             continue
         try:
-            fmt, system, turns = parse_record(raw)
+            fmt, system, turns, quiet = parse_record(raw)
             if chat_format == "template":
-                ids, mask, lengths, prefix = encode_template(_TOKENIZER, system, turns)
+                ids, mask, lengths, prefix = encode_template(_TOKENIZER, system, turns, quiet)
             else:
                 if system and _TOKENIZER.system_id is None:
                     raise ValueError("no_system_token: the record has a system prompt and the tokenizer no <_system>")
-                ids, mask, lengths = encode_dialogue(_TOKENIZER, system, turns)
+                ids, mask, lengths = encode_dialogue(_TOKENIZER, system, turns, quiet)
                 prefix = bool(system)
         except ValueError as e:
             reason = str(e).partition(": ")[0]
@@ -602,6 +609,9 @@ def prepare_sft(data_json: str | Path, tokenizer: str | Path, max_seq_len: int, 
                 keep, length = keep + 1, length + n_part
             if keep <= int(has_system):
                 skips.add("too_long", where, f"the first turn does not fit in max_seq_len {max_seq_len}")
+                continue
+            if not mask[:length].any():  # only turns with "weight": 0 fit
+                skips.add("too_long", where, f"no turn with loss fits in max_seq_len {max_seq_len}")
                 continue
             if keep < len(lengths):
                 truncated += k
