@@ -389,7 +389,8 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
     .json files holding one array (LLaMA-Factory's); each record's format is told from its fields:
     TeleChat {"input","output"} with <_user>/<_bot> markers, TeleChat2 {"system","dialog":[...]},
     alpaca {"instruction","input","output"[,"system","history"]}, sharegpt {"conversations":
-    [{"from","value"}]} or OpenAI {"messages":[{"role","content"}]}. With TeleChat's chat format
+    [{"from","value"}]} or OpenAI {"messages":[{"role","content"}]} (an assistant message with
+    "weight": 0 is context, without loss). With TeleChat's chat format
     each turn is [<_user>] q [<_bot>] a [<_end>] and the loss mask covers <_user> and each
     <_bot>..<_end>; with the model's own chat template (e.g. ChatML) the dialogue is rendered by
     it and only the assistant turns (through their end-of-turn token) get loss. Whole dialogues
