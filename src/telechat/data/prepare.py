@@ -506,7 +506,8 @@ class _Skips:
 def _check_tokenizer(tok: Tokenizer, path, needed: tuple[str, ...]) -> None:
     missing = [n for n in needed if getattr(tok, n) is None]
     if missing:
-        names = {"user_id": "<_user>", "bot_id": "<_bot>", "eos_id": "<_end>", "pad_id": "<_pad>", "system_id": "<_system>"}
+        names = {"user_id": "<_user>", "bot_id": "<_bot>", "eos_id": "<_end>", "pad_id": "<_pad>",
+                 "system_id": "<_system>"}
         raise DataError(f"{path}: the tokenizer has no {', '.join(names[m] for m in missing)} token; "
                         "TeleChat data needs <_user>, <_bot>, <_end> and a pad token")
 
