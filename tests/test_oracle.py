@@ -1,17 +1,20 @@
-"""Against the published TeleChat code: ../shared/oracle/v12 holds logits it computed (skips when absent)."""
+"""Against the published TeleChat code: tests/data/oracle_v12 is a tiny checkpoint in the official
+12B layout (untied, two .bin shards and their index) with the logits and greedy tokens that code
+computed (copied from ../shared/oracle/v12, so the parity checks run on any clone and never skip)."""
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import telechat
 
-from conftest import shared_path
+ORACLE = Path(__file__).parent / "data" / "oracle_v12"
 
 
 @pytest.fixture(scope="module")
 def oracle():
-    d = shared_path("oracle", "v12")
-    return telechat.load(d, dtype="float32"), load_file(str(d / "vectors.safetensors"))
+    return telechat.load(ORACLE, dtype="float32"), load_file(str(ORACLE / "vectors.safetensors"))
 
 
 def rel_err(out, ref):
