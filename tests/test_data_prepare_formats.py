@@ -536,3 +536,35 @@ def test_json_array_memory_does_not_grow_with_a_20mb_element(tmp_path, sp_model)
     f = tmp_path / "big" / "a.json"
     assert {r: v["first"][0].split(": ")[0] for r, v in m["skipped"].items()} == {"too_large": f"{f}:42"}
     assert m["dialogues"] == 20
+
+
+def test_fuzzed_json_arrays_never_crash_the_reader(tmp_path):
+    """Random damage to a JSON-array file (brackets, quotes, backslashes, commas, newlines): the reader
+    yields elements or reasons with line numbers inside the file, and every element parses or is a
+    ValueError with a reason, never anything else."""
+    rng = np.random.default_rng(18)
+    base = json.dumps(ALPACA + [{"messages": messages_of(TURNS, SYSTEM)},
+                                {"conversations": [{"from": "human", "value": 'a "quoted" \\ [x]'},
+                                                   {"from": "gpt", "value": "{b}, c"}]}],
+                      ensure_ascii=False, indent=2).encode()
+    f = tmp_path / "a.json"
+    for trial in range(300):
+        b = bytearray(base)
+        for _ in range(int(rng.integers(1, 6))):
+            i = int(rng.integers(0, len(b)))
+            op = int(rng.integers(0, 3))
+            if op == 0:
+                del b[i]
+            else:
+                b.insert(i, int(rng.choice(list(b'[]{}",\\\n:'))) if op == 1 else int(rng.integers(0, 256)))
+        f.write_bytes(bytes(b))
+        lines = b.count(b"\n") + 1
+        for n, raw, size in read_records(f, 400):
+            assert 1 <= n <= lines, (trial, n)
+            if isinstance(raw, bytes):
+                try:
+                    parse_record(raw)
+                except ValueError as e:
+                    assert str(e).split(":")[0].replace("_", "").isalpha(), str(e)
+            else:
+                assert raw is None or raw.startswith("invalid_json: "), raw
