@@ -23,6 +23,13 @@ def command(fn: Callable | None = None, *, name: str | None = None):
     return register(fn) if fn is not None else register
 
 
+CHAT_HELP = """commands (not sent to the model):
+  /help    this list
+  /clear   forget the conversation
+  /exit    quit (also /quit, Ctrl-D)
+Ctrl-C stops the answer being written."""
+
+
 # ---- verbs ---------------------------------------------------------------------------------------
 @command
 def chat(model: str = "default", prompt: str | None = None, device: str = "cpu", dtype: str | None = None,
@@ -31,16 +38,17 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "cpu",
          seed: int | None = None, compile: bool = False) -> int:
     """Chat with a model: interactive and multi-turn with streaming, or one answer with --prompt.
 
-    In the interactive loop, `/clear` forgets the conversation and `/exit` (or Ctrl-D) quits;
-    Ctrl-C stops the answer being written. Unset sampling flags come from the checkpoint's
-    generation_config.json.
+    In the interactive loop, `/help` lists the commands, `/clear` forgets the conversation and
+    `/exit` (or Ctrl-D) quits; Ctrl-C stops the answer being written. Unset sampling flags come
+    from the checkpoint's generation_config.json; an answer stops at the model's end token or after
+    --max-new-tokens (default: the checkpoint's max_new_tokens, else 512).
 
     Args:
         model: checkpoint folder (official TeleChat layout), or "default".
         prompt: answer this one question, print the answer and exit.
         device: torch device, e.g. cpu or cuda.
         dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
-        max_new_tokens: most tokens per answer.
+        max_new_tokens: most tokens per answer (default: the checkpoint's, else 512).
         do_sample: sample instead of greedy decoding.
         temperature: sampling temperature.
         top_k: sample among the k most likely tokens (0 = all).
@@ -72,7 +80,7 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "cpu",
     if hasattr(sys.stdin, "reconfigure"):  # a bad line is then reported, not a UnicodeDecodeError
         sys.stdin.reconfigure(errors="surrogateescape")
     print(f"telechat: {llm.path} ({llm.info()['parameters'] / 1e6:.0f}M parameters, {llm.info()['dtype']}). "
-          "/clear forgets the conversation, /exit quits.", file=sys.stderr)
+          "/help lists the commands.", file=sys.stderr)
     while True:
         try:
             question = input("user> ")
@@ -91,6 +99,9 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "cpu",
             continue
         if q in ("/exit", "/quit"):
             return 0
+        if q in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
         if q == "/clear":
             history.clear()
             print("(conversation cleared)", file=sys.stderr)
@@ -178,7 +189,9 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
     (streaming as server-sent events), POST /telechat/gptDialog/v2 (streamed text) and
     /telechat/gptDialog/v4 (JSON), GET /health, GET /metrics (Prometheus). Requests share one
     continuously batched engine: up to --max-concurrency generate at once, up to --max-queue more
-    wait, and beyond that the server answers 429 with Retry-After.
+    wait, and beyond that the server answers 429 with Retry-After. A chat request without
+    max_tokens gets the checkpoint's max_new_tokens, else 512 (text completions: 16, as OpenAI's).
+    The port is bound before the model loads, so a busy or invalid port fails at once.
 
     Slow or idle clients cannot hold the server: request headers must arrive within
     --header-timeout, a body within --body-timeout, idle keep-alive connections close after
@@ -189,7 +202,7 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
     Args:
         model: checkpoint folder, or "default".
         host: address to bind (127.0.0.1 keeps it on this machine; 0.0.0.0 exposes it).
-        port: TCP port.
+        port: TCP port (0: any free port).
         api_key: require `Authorization: Bearer KEY` on every endpoint but /health (the page takes it as a Basic-auth password).
         max_concurrency: sequences decoded together (KV-cache slots).
         max_queue: requests that may wait for a slot before the server answers 429.
@@ -214,16 +227,52 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
                         ("--keep-alive-timeout", keep_alive_timeout), ("--body-timeout", body_timeout)):
         if value is not None and not value > 0:
             raise ValueError(f"{flag} must be > 0, got {value}")
-    llm = load(model, device=device, dtype=dtype)
-    app = create_app(llm, model_name=served_model_name, api_key=api_key,
-                     max_concurrency=max_concurrency, max_queue=max_queue, max_model_len=max_model_len,
-                     max_body_bytes=max_body_bytes, body_timeout=body_timeout)
-    name = app.state.server.model_name
-    config = server_config(app, host, port, max_connections=max_connections, header_timeout=header_timeout,
-                           keep_alive_timeout=keep_alive_timeout, log_level=log_level, timeout_graceful_shutdown=5)
-    print(f"telechat: serving {name} on http://{host}:{port}  (web chat at /, OpenAI API at /v1)", flush=True)
-    uvicorn.Server(config).run()
+    sock = bind_socket(host, port)  # before the model loads: a bad or busy port fails in a second
+    try:
+        llm = load(model, device=device, dtype=dtype)
+        app = create_app(llm, model_name=served_model_name, api_key=api_key,
+                         max_concurrency=max_concurrency, max_queue=max_queue, max_model_len=max_model_len,
+                         max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+        name = app.state.server.model_name
+        port = sock.getsockname()[1]
+        config = server_config(app, host, port, max_connections=max_connections, header_timeout=header_timeout,
+                               keep_alive_timeout=keep_alive_timeout, log_level=log_level,
+                               timeout_graceful_shutdown=5)
+        url_host = f"[{host}]" if ":" in host else host
+        print(f"telechat: serving {name} on http://{url_host}:{port}  (web chat at /, OpenAI API at /v1)",
+              flush=True)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def bind_socket(host: str, port: int):
+    """A TCP socket bound to (host, port), or ValueError naming what is wrong with them."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host}: not an address of this machine ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need no wait
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"--port {port}: {host}:{port} is already in use (another server?); "
+                             "choose another --port") from None
+        if e.errno == errno.EACCES:
+            raise ValueError(f"--port {port}: permission denied on {host} (ports below 1024 need privileges); "
+                             "choose a port >= 1024") from None
+        raise ValueError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
+    return sock
 
 
 @command
@@ -237,7 +286,8 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
           save_steps: int = 0, eval_steps: int = 0, seed: int = 0, resume: bool = False, overwrite: bool = False,
           device: str = "cpu", progress: bool = True, tensorboard: bool = False,
           mix: Literal["natural", "uniform", "dynamic"] = "natural", mix_every: int = 0, mix_eta: float = 1.0,
-          mix_min_weight: float = 0.05, mix_max_weight: float = 0.95) -> int:
+          mix_min_weight: float = 0.05, mix_max_weight: float = 0.95, lora_dim: int = 0, lora_scaling: float = 1.0,
+          lora_module_name: str = "self_attention.,mlp.", only_optimize_lora: bool = False) -> int:
     """Pre-train or fine-tune (SFT) on data from `telechat data prepare`.
 
     AdamW (0.9, 0.95), eps 1e-5, no weight decay on biases and norms, gradient clipping 1.0,
@@ -257,13 +307,20 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
     sampling moves toward the sources furthest above the lowest loss reached so far, within
     [--mix-min-weight, --mix-max-weight]; the weights go to log.jsonl.
 
+    LoRA (--lora-dim R, built on PEFT, flags as in TeleChat's scripts): the matching projections get
+    trainable low-rank matrices, their own weights frozen; each checkpoint holds the adapter in
+    PEFT's format (adapter_config.json, adapter_model.safetensors), for `telechat chat --adapter`,
+    `telechat merge` or PEFT itself. With --only-optimize-lora nothing else trains and the checkpoint
+    holds the adapter alone; else the rest of the model trains too and the checkpoint holds its
+    weights as well. A GPTQ model from `telechat quantize` trains only so (QLoRA): it stays quantized.
+
     Args:
         stage: pretrain or sft.
         data: a folder written by `telechat data prepare` (--mode pretrain or sft), a folder of such
             folders (one per source), or several, comma-separated.
         output: folder for checkpoints and logs.
         model: checkpoint folder to start from (or "default").
-        preset: start from random weights of a named size (tiny, small, 100M, 1B, 7B, 12B).
+        preset: start from random weights of a named size (tiny, 30M, small, 100M, 1B, 7B, 12B, 12B-V2).
         max_seq_len: must match the prepared data (checked).
         per_device_batch_size: samples per micro-batch.
         gradient_accumulation_steps: micro-batches per optimizer step.
@@ -291,6 +348,10 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
         mix_eta: dynamic: strength of the tilt (weight ~ exp(eta * excess loss in nats)).
         mix_min_weight: dynamic: least sampling weight of any source.
         mix_max_weight: dynamic: most sampling weight of any source.
+        lora_dim: LoRA rank (0: no LoRA, full fine-tuning).
+        lora_scaling: LoRA scaling S: the update is (S / R) * B @ A (PEFT's lora_alpha = S).
+        lora_module_name: comma-separated parts of module names that get LoRA (e.g. "query,key_value").
+        only_optimize_lora: train the LoRA matrices alone (TeleChat's --mark_only_lora_as_trainable).
     """
     import os
     import subprocess
@@ -308,7 +369,9 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
                       gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
                       seed=seed, resume=resume, overwrite=overwrite, device=device, progress=progress,
                       tensorboard=tensorboard, mix=mix, mix_every=mix_every, mix_eta=mix_eta,
-                      mix_min_weight=mix_min_weight, mix_max_weight=mix_max_weight)
+                      mix_min_weight=mix_min_weight, mix_max_weight=mix_max_weight, lora_dim=lora_dim,
+                      lora_scaling=lora_scaling, lora_module_name=lora_module_name,
+                      only_optimize_lora=only_optimize_lora)
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # relaunch through DeepSpeed's launcher
@@ -340,7 +403,29 @@ def train(stage: Literal["pretrain", "sft"], data: str, output: str, model: str 
     last = s["history"][-1] if s["history"] else {}
     val = f", val loss {s['val_loss']:.4f} (ppl {s['val_ppl']:.2f})" if "val_loss" in s else ""
     print(f"trained {s['steps']} steps, last loss {last.get('loss', float('nan')):.4f}{val}; "
-          f"checkpoint {s['checkpoint']}")
+          f"checkpoint {s['checkpoint']}" + (" (LoRA adapter inside)" if s.get("lora") else ""))
+    return 0
+
+
+@command
+def merge(model: str, adapter: str, output: str) -> int:
+    """Merge a LoRA adapter into its base model: an official-layout folder with the merged weights.
+
+    The result loads with `telechat.load` / `telechat chat --model OUTPUT` and computes what the base
+    with the adapter applied computes (W + (S / R) * B @ A per wrapped layer, in fp32, stored in the
+    base's dtype). The base must be a float model (a GPTQ base cannot take the update: merge into its
+    float model and quantize the result).
+
+    Args:
+        model: the base checkpoint folder the adapter was trained on (or "default").
+        adapter: a LoRA adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a
+            checkpoint of `telechat train --lora-dim`.
+        output: folder to write.
+    """
+    from .lora import merge as run
+
+    out = run(model, adapter, output)
+    print(f"wrote {out}")
     return 0
 
 
@@ -466,7 +551,9 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
     (shared prompt prefixes computed once); --mode generate asks in the chat format with the
     examples as earlier turns, decodes greedily and extracts the option letter (TeleChat's method).
     Accuracy is averaged over subjects (macro) and over items (micro). --output writes JSON with
-    every setting, item counts and per-item predictions.
+    every setting, item counts and per-item predictions. Every task's data, subjects and few-shot
+    examples are read and checked before the model loads; if a task fails later, the tasks
+    finished before it are still printed and written to --output.
 
     Args:
         data_dir: folder with one sub-folder per task (mmlu/, ceval/, gsm8k/, ...).
@@ -477,7 +564,7 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
         batch_size: sequences per forward pass.
         mode: multiple choice scoring: loglik or generate.
         output: write the JSON report here.
-        subjects: comma-separated subjects to keep (of tasks that have them).
+        subjects: comma-separated subjects to keep (of tasks that have them; each must exist in one).
         share_prefix: compute shared prompt prefixes once (--no-share-prefix: every row in full).
         prompt_style: generation prompts in the checkpoint's chat format, or plain text.
         max_new_tokens: tokens per generated answer (default: each task's own).
@@ -496,7 +583,7 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
         progress: show progress bars.
     """
     from . import load
-    from .eval import EvalConfig, evaluate, write_report
+    from .eval.runner import EvalConfig, EvalIncomplete, evaluate, load_tasks, write_report
 
     try:
         ks = [int(k) for k in pass_k.split(",") if k.strip()]
@@ -508,8 +595,18 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
                      temperature=temperature, top_p=top_p, seed=seed, max_length=max_length, stride=stride,
                      timeout=timeout, memory_mb=memory_mb, workers=workers,
                      subjects=[s.strip() for s in subjects.split(",")] if subjects else None, progress=progress)
-    cfg.validate()  # bad flags and a missing --data-dir fail before the model loads
-    report = evaluate(load(model, device=device, dtype=dtype), cfg)
+    # Bad flags, tasks, subjects and data files (and missing packages) fail before the model loads.
+    loaded = load_tasks(cfg)
+    try:
+        report = evaluate(load(model, device=device, dtype=dtype), cfg, loaded)
+    except EvalIncomplete as e:
+        done = list(e.report["results"])
+        saved = ""
+        if done:
+            print(e.report["table"])
+            if output:
+                saved = f"; the results of {', '.join(done)} were written to {write_report(e.report, output)}"
+        raise ValueError(f"eval: {e}{saved}") from e
     print(report["table"])
     if output:
         print(f"wrote {write_report(report, output)}", file=sys.stderr)
@@ -519,7 +616,7 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
 @command(name="data clean")
 def data_clean(input: list[str], output: str, config: str | None = None, workers: int = 1,
                executor: Literal["local", "slurm", "ray"] = "local", text_field: str | None = None,
-               restart: bool = False, verbose: bool = False) -> int:
+               restart: bool = False, verbose: bool = False, write_removed: bool = False) -> int:
     """Clean pre-training text on datatrove into TeleChat-PTD jsonl shards ({"data": ...}).
 
     Stages (each switchable in the config): Unicode normalisation, zh/en language identification,
@@ -529,7 +626,8 @@ def data_clean(input: list[str], output: str, config: str | None = None, workers
     CCNet buckets, a fastText-style classifier). Reads PTD jsonl, jsonl/parquet with a text field,
     and plain text, plain or .gz/.zst. Bad lines are counted and skipped, never fatal. Writes
     OUTPUT/NNNNN.jsonl and OUTPUT/report.md + report.json (per stage: documents and characters
-    in/out, removal reasons with examples, bad input by file and line). Rerunning the same command
+    in/out, removal reasons with examples, removals by rule, bad input by file and line). Output
+    records keep the input record's other fields (its id and metadata). Rerunning the same command
     resumes from the completed shards. The defaults are `telechat/data/clean/clean.yaml`.
 
     Args:
@@ -541,10 +639,13 @@ def data_clean(input: list[str], output: str, config: str | None = None, workers
         text_field: jsonl/parquet field with the text (default: data, then text, then content).
         restart: discard OUTPUT's earlier run and start again.
         verbose: show datatrove's per-task logs.
+        write_removed: also write the removed documents (with stage, reason and detail) to
+            OUTPUT/removed/ (config key output.write_removed).
     """
     from .data.clean.commands import clean_command
 
-    return clean_command(input, output, config, workers, executor, text_field, restart, verbose)
+    return clean_command(input, output, config, workers, executor, text_field, restart, verbose,
+                         write_removed=write_removed)
 
 
 @command(name="data build-corpus")
@@ -688,6 +789,76 @@ def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
             parser.add_argument(flag, required=required, **kw)
 
 
+# Verbs that do no numeric work of their own and so take no --threads.
+NO_THREADS = frozenset({"export"})
+
+# A package the code imports lazily -> the extra that installs it (pyproject's optional-dependencies).
+EXTRAS = {"datatrove": "clean", "jieba": "clean", "xxhash": "clean", "orjson": "clean", "yaml": "clean",
+          "zstandard": "clean", "opencc": "clean", "regex": "clean", "pyarrow": "eval", "lm_eval": "eval",
+          "deepspeed": "train", "psutil": "bench"}
+VERB_EXTRAS = {"data clean": "clean", "data build-corpus": "clean", "eval": "eval", "train": "train"}
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op threads: `threads`, else $OMP_NUM_THREADS when set, else the available cores.
+    An explicit count also goes to OpenMP/MKL/Rayon (tokenizers) and to child processes."""
+    import os
+
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+            os.environ[var] = str(threads)
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    else:
+        threads = available_cores()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def check_device(device: str) -> None:
+    """ValueError, before any loading, for a device torch does not know or cannot use here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device!r}: unknown device (expected cpu, cuda, cuda:N, mps or xpu)") from None
+    if dev.type == "cpu":
+        return
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # a CPU-only build raises AssertionError, a missing GPU RuntimeError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--device {device}: not available here ({reason}); torch {torch.__version__} sees "
+                         f"{torch.cuda.device_count()} CUDA device(s). Use --device cpu") from None
+
+
+def missing_package_message(verb: str, e: ModuleNotFoundError) -> str | None:
+    """`error: ...` naming the pip install for a missing optional package, or None for other modules."""
+    name = (e.name or "").split(".")[0]
+    if not name or name == "telechat":
+        return None
+    extra = VERB_EXTRAS.get(verb) if name in EXTRAS else None
+    extra = extra or EXTRAS.get(name)
+    how = f'pip install "telechat[{extra}]"' if extra else f"pip install {name}"
+    return f"error: telechat {verb} needs the {name} package, which is not installed: {how}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telechat", description="TeleChat models: chat, inspect, and more.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -705,7 +876,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = target.add_parser(verb, help=summary.splitlines()[0], description=summary,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_arguments(p, fn)
-        p.set_defaults(_fn=fn)
+        if f"{group} {leaf}".strip() not in NO_THREADS:
+            p.add_argument("--threads", type=int, default=None, dest="_threads", metavar="N",
+                           help=f"CPU threads for the computation (default: the cores available, "
+                                f"here {available_cores()}, or $OMP_NUM_THREADS)")
+        p.set_defaults(_fn=fn, _verb=f"{group} {leaf}".strip())
     return parser
 
 
@@ -714,6 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     fn = args.pop("_fn", None)
     group = args.pop("_group", None)
+    verb = args.pop("_verb", "")
+    threads = args.pop("_threads", None)
     args.pop("verb", None)
     args.pop("subverb", None)
     if fn is None:
@@ -726,13 +903,24 @@ def main(argv: list[str] | None = None) -> int:
     params = inspect.signature(fn).parameters
     positional = [args.pop(n) for n, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
+        if verb not in NO_THREADS:
+            set_threads(threads)
+        if isinstance(args.get("device"), str):
+            check_device(args["device"])
         return fn(*positional, **args) or 0
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        message = missing_package_message(verb, e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
     except OSError as e:  # an output folder that cannot be written, a disk that is full: the OS names the file
         print(f"error: {e}", file=sys.stderr)
         return 1
+
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ official-layout folder `telechat.load` reads), the optimizer, the schedule and t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -65,6 +66,10 @@ class TrainConfig:
     mix_min_weight: float = 0.05
     mix_max_weight: float = 0.95
     mix_eval_batches: int = 4  # dynamic: held-out batches per source and measurement
+    lora_dim: int = 0  # LoRA rank (0: no LoRA); TeleChat's --lora_dim
+    lora_scaling: float = 1.0  # the update is (lora_scaling / lora_dim) * B @ A: PEFT's lora_alpha
+    lora_module_name: str = "self_attention.,mlp."  # comma-separated parts of the names LoRA wraps
+    only_optimize_lora: bool = False  # TeleChat's --mark_only_lora_as_trainable
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -100,6 +105,12 @@ class TrainConfig:
         if not 0 <= self.mix_min_weight <= self.mix_max_weight <= 1:
             raise ValueError(f"need 0 <= mix_min_weight <= mix_max_weight <= 1, got {self.mix_min_weight} "
                              f"and {self.mix_max_weight}")
+        if not isinstance(self.lora_dim, int) or isinstance(self.lora_dim, bool) or self.lora_dim < 0:
+            raise ValueError(f"lora_dim must be an integer >= 0 (0: no LoRA), got {self.lora_dim!r}")
+        if not 0 < self.lora_scaling < math.inf:
+            raise ValueError(f"lora_scaling must be a finite number > 0, got {self.lora_scaling}")
+        if self.only_optimize_lora and not self.lora_dim:
+            raise ValueError("--only-optimize-lora needs --lora-dim R (the LoRA rank)")
         if self.mix_eval_batches < 1 or not 0 <= self.mix_eta < math.inf:
             raise ValueError(f"mix_eval_batches must be >= 1 and mix_eta a finite number >= 0, got "
                              f"{self.mix_eval_batches} and {self.mix_eta}")
@@ -390,6 +401,31 @@ def _build(cfg: TrainConfig, manifest: dict, data: Batches | Mixture, vals: dict
     return llm
 
 
+def saves_base(cfg: TrainConfig) -> bool:
+    """Whether a LoRA checkpoint holds the base weights too: they train (no --only-optimize-lora), or
+    there is no base folder to find them in (--preset)."""
+    return not cfg.only_optimize_lora or cfg.model is None
+
+
+def _add_lora(llm: LLM, cfg: TrainConfig):
+    """LoRA on the model (PEFT), its LoraConfig; None without --lora-dim. A GPTQ base trains only so."""
+    from ..quant import quantized_layers
+
+    if not cfg.lora_dim:
+        if quantized_layers(llm.model):
+            raise ValueError(f"{cfg.model} is a GPTQ-quantized model: its quantized weights cannot train; give "
+                             "--lora-dim R (QLoRA: LoRA beside the frozen quantized layers) or train the float model")
+        return None
+    from ..default_model import resolve_model
+    from ..lora import add_lora, trainable_summary
+
+    base = str(Path(resolve_model(cfg.model)).resolve()) if cfg.model is not None and not saves_base(cfg) else None
+    adapter = add_lora(llm.model, cfg.lora_dim, cfg.lora_scaling, cfg.lora_module_name, cfg.only_optimize_lora,
+                       base)
+    notice(f"LoRA r={cfg.lora_dim} on {len(adapter.target_modules)} layers: {trainable_summary(llm.model)}")
+    return adapter
+
+
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
@@ -419,7 +455,15 @@ def _save(out: Path, step: int, llm: LLM, runner: _Plain, cfg: TrainConfig, hist
     runner.barrier()
     with runner.gathered():
         if runner.rank == 0:
-            llm.save(tmp)
+            if runner.adapter is None:
+                llm.save(tmp)
+            else:
+                from ..lora import save_adapter, unwrapped
+
+                if saves_base(cfg):
+                    with unwrapped(llm.model):
+                        llm.save(tmp)
+                save_adapter(llm.model, runner.adapter, tmp)
     runner.barrier()
     extra = runner.save_state(tmp)  # collective under DeepSpeed
     runner.barrier()
@@ -641,6 +685,7 @@ def _clear_run(out: Path) -> None:
 # ---- plain PyTorch or DeepSpeed, behind one face ----------------------------------------------------
 class _Plain:
     rank, world = 0, 1
+    adapter = None  # the LoraConfig when LoRA trains
 
     def __init__(self, model, opt, sched, cfg: TrainConfig):
         self.model, self.opt, self.sched, self.accum = model, opt, sched, cfg.gradient_accumulation_steps
@@ -670,15 +715,13 @@ class _Plain:
         return list(values)
 
     def gathered(self):
-        import contextlib
         return contextlib.nullcontext()
 
     def save_state(self, folder: Path) -> dict:
         return {"optimizer": self.opt.state_dict()}
 
     def load_state(self, folder: Path, state: dict, start: int) -> None:
-        fresh = load_model(folder, device=next(self.model.parameters()).device, dtype=torch.float32)
-        self.model.load_state_dict(fresh.state_dict())
+        self.load_weights(folder)
         optimizer = state.get("optimizer")
         if not isinstance(optimizer, dict):
             raise ValueError(f"{folder}/trainer_state.pt holds no optimizer state (written by a DeepSpeed run? "
@@ -690,6 +733,17 @@ class _Plain:
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
             for _ in range(start):
                 self.sched.step()
+
+    def load_weights(self, folder: Path) -> None:
+        from ..lora import load_adapter_weights, unwrapped
+
+        module = getattr(self.model, "module", self.model)
+        if self.adapter is None or (folder / "config.json").exists():  # the base weights, when saved
+            fresh = load_model(folder, device=next(module.parameters()).device, dtype=torch.float32)
+            with (unwrapped(module) if self.adapter is not None else contextlib.nullcontext()):
+                module.load_state_dict(fresh.state_dict())
+        if self.adapter is not None:
+            load_adapter_weights(module, folder)
 
     def barrier(self):
         pass
@@ -777,12 +831,15 @@ class _DeepSpeed(_Plain):
         return super().gathered()
 
     def save_state(self, folder: Path) -> dict:
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        # a frozen base is not the run's state: it comes from --model again (or from the model folder)
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state",
+                                    exclude_frozen_parameters=self.adapter is not None)
         return {}
 
     def load_state(self, folder: Path, state: dict, start: int) -> None:
         check_deepspeed_files(folder / "deepspeed")  # DeepSpeed itself unpickles them unrestricted
-        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state",
+                                              load_module_strict=self.adapter is None)
         if path is None:
             raise ValueError(f"{folder}: no DeepSpeed state in {folder / 'deepspeed'} (written by a plain PyTorch "
                              "run? resume it without --zero-stage/--nproc)")
@@ -908,6 +965,7 @@ def train(cfg: TrainConfig) -> dict:
     mix_every = cfg.mix_every or cfg.eval_steps or 50
     torch.manual_seed(cfg.seed)
     llm = _build(cfg, manifest, train_data, vals)
+    adapter = _add_lora(llm, cfg)
     model = llm.model.train()
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
     n_matmul = matmul_params(model)  # before DeepSpeed partitions the parameters
@@ -918,6 +976,7 @@ def train(cfg: TrainConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.lr_scheduler))
     use_ds = cfg.zero_stage is not None or _world() > 1
     runner = (_DeepSpeed if use_ds else _Plain)(model, opt, sched, cfg)
+    runner.adapter = adapter
     runner.barrier()  # every rank has seen the output folder as it was
     lead = runner.rank == 0
     start, history = 0, []
@@ -1020,7 +1079,7 @@ def train(cfg: TrainConfig) -> dict:
         if bar is not None:
             bar.close()
     summary = {"steps": total, "checkpoint": str(final), "history": history, "rank": runner.rank,
-               "world_size": runner.world, "engine": "deepspeed" if use_ds else "pytorch"}
+               "world_size": runner.world, "engine": "deepspeed" if use_ds else "pytorch", "lora": adapter is not None}
     if vals:
         last = history[-1] if history else {}
         summary.update({k: last[k] for k in ("val_loss", "val_ppl", "val_loss_by_source") if k in last}
