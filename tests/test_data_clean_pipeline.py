@@ -137,7 +137,10 @@ def test_near_duplicates_precision_and_recall(tmp_path):
     precision = true_pos / removed if removed else 1.0
     recall = sum(1 for g in planted if survivors[g] == 1) / len(planted)
     assert precision >= 0.95 and recall >= 0.9, (precision, recall, rep["stages"][-1]["removed"])
-    assert all(survivors[g] == 1 for g in size if size[g] == 1)  # no unrelated document lost
+    # unrelated documents kept (issue 20: >= 95%; these share the templates' phrases, real text lost none
+    # in benchmarks/clean_quality.py)
+    unique = [g for g in size if size[g] == 1]
+    assert sum(survivors[g] == 1 for g in unique) >= 0.95 * len(unique)
     near = next(s for s in rep["stages"] if s["name"] == "near dedup")
     assert near["removed"]["near_duplicate"]["examples"][0]["detail"].startswith("minhash_cluster_id=")
 
@@ -237,7 +240,7 @@ def test_slurm_executor_chain(tmp_path):
         assert isinstance(prev, SlurmPipelineExecutor) and prev.tasks == st.tasks
     assert [s.name for s in stages] == ["filter", "exact-find", "exact", "minhash-buckets", "minhash-cluster",
                                         "near-dup", "report"]
-    assert stages[3].tasks == 20 and stages[0].tasks == 4
+    assert stages[3].tasks == 30 and stages[0].tasks == 4
     with pytest.raises(DataError, match="partition"):
         make_executor(stages[0], "slurm", load_config(None), str(tmp_path), 1)
 

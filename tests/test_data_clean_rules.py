@@ -172,4 +172,4 @@ def test_config_errors():
     with pytest.raises(DataError, match="normalize.nfkc"):
         load_config({"normalize": {"nfkc": "always"}})
     cfg = load_config(None, **{"reader.text_field": "body"})
-    assert cfg["reader"]["text_field"] == "body" and cfg["dedup"]["minhash"]["num_buckets"] == 20
+    assert cfg["reader"]["text_field"] == "body" and cfg["dedup"]["minhash"]["num_buckets"] == 30

@@ -11,6 +11,8 @@ import json
 import os
 from collections import deque
 
+import orjson
+
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.batching import batched
@@ -64,6 +66,35 @@ def where(doc: Document) -> str:
     return str(doc.id)
 
 
+class RemovedSink:
+    """The removed-documents sidecar of one step in one task: REMOVED_DIR/KEY-RANK.jsonl, one
+    record per removed document (io.removed_record). A rerun of the task starts the file again."""
+
+    def __init__(self, folder: str | None, key: str, rank: int):
+        self.path = os.path.join(folder, f"{key}-{rank:05d}.jsonl") if folder else None
+        self.fh = None
+        if self.path and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def add(self, doc: Document, stage: str, reason: str, detail: str | None, text: str | None = None) -> None:
+        if not self.path:
+            return
+        from .io import removed_record
+
+        if self.fh is None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.fh = open(self.path, "wb")
+        rec = removed_record(doc, stage, reason, detail)
+        if text is not None:
+            rec["data"] = text
+        self.fh.write(orjson.dumps(rec) + b"\n")
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
 class CleanStep(PipelineStep):
     """A step with a report entry. Subclasses implement `process(doc)` (or `process_batch(docs)`):
     return None to keep the (possibly modified) document, or a reason (or (reason, detail)) to
@@ -73,9 +104,9 @@ class CleanStep(PipelineStep):
     batch_size = 1
 
     def __init__(self, key: str, report_dir: str | None = None, examples: int = 3, excerpt_chars: int = 160,
-                 languages: tuple[str, ...] | None = None):
+                 languages: tuple[str, ...] | None = None, removed_dir: str | None = None):
         super().__init__()
-        self.key, self.report_dir = key, report_dir
+        self.key, self.report_dir, self.removed_dir = key, report_dir, removed_dir
         self.examples, self.excerpt_chars = examples, excerpt_chars
         self.languages = tuple(languages) if languages else None
         self.account: Account | None = None
@@ -100,6 +131,7 @@ class CleanStep(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         acc = self.account = Account(self.examples, self.excerpt_chars)
+        sink = RemovedSink(self.removed_dir, self.key, rank)
         self.start(rank, world_size)
         for batch in batched(data or (), self.batch_size):
             todo = [d for d in batch if self.applies(d)]
@@ -116,6 +148,7 @@ class CleanStep(PipelineStep):
                 if res is not None:
                     reason, detail = res if isinstance(res, tuple) else (res, None)
                     acc.drop(reason, where(doc), original if original is not None else doc.text, detail)
+                    sink.add(doc, self.key.split("-", 1)[-1], reason, detail, original)
                     self.stat_update("dropped", f"dropped_{reason}")
                     continue
                 if original is not None and doc.text is not original and doc.text != original:
@@ -125,6 +158,7 @@ class CleanStep(PipelineStep):
                 self.stat_update("forwarded")
                 yield doc
         self.finish(rank, world_size)
+        sink.close()
         write_part(self.report_dir, self.key, rank, acc.to_dict())
 
 
@@ -135,14 +169,17 @@ class StreamStep(PipelineStep):
     type = "🧹 - CLEAN"
 
     def __init__(self, key: str, inner: PipelineStep, reason: str, report_dir: str | None = None,
-                 examples: int = 3, excerpt_chars: int = 160, detail_key: str | None = None):
+                 examples: int = 3, excerpt_chars: int = 160, detail_key: str | None = None,
+                 removed_dir: str | None = None):
         self.name = getattr(inner, "name", key)  # before PipelineStep.__init__ names the stats
         super().__init__()
         self.key, self.inner, self.reason, self.report_dir = key, inner, reason, report_dir
+        self.removed_dir = removed_dir
         self.examples, self.excerpt_chars, self.detail_key = examples, excerpt_chars, detail_key
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         acc = Account(self.examples, self.excerpt_chars)
+        sink = RemovedSink(self.removed_dir, self.key, rank)
         pending: deque = deque()
 
         def tap():
@@ -155,6 +192,7 @@ class StreamStep(PipelineStep):
         def dropped(d):
             detail = f"{self.detail_key}={d.metadata.get(self.detail_key)}" if self.detail_key else None
             acc.drop(self.reason, where(d), d.text, detail)
+            sink.add(d, self.key.split("-", 1)[-1], self.reason, detail)
 
         for out in self.inner.run(tap(), rank, world_size):
             while pending and pending[0] is not out:
@@ -167,4 +205,5 @@ class StreamStep(PipelineStep):
         while pending:
             dropped(pending.popleft())
         self.stats = self.inner.stats
+        sink.close()
         write_part(self.report_dir, self.key, rank, acc.to_dict())

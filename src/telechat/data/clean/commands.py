@@ -55,17 +55,19 @@ def summary(report: dict) -> str:
     if "run" in report:
         skipped = sum(r["skipped"] for r in report["run"]["stages"])
         lines.append(f"  {report['run']['seconds']:.1f}s" + (f"; resumed ({skipped} tasks already complete)" if skipped else ""))
+    if report.get("removed_documents"):
+        lines.append(f"removed documents: {report['removed_documents']}/")
     lines.append(f"report: {out['folder']}/report.md and report.json")
     return "\n".join(lines)
 
 
 def clean_command(input: list[str], output: str, config: str | None, workers: int, executor: str,
-                  text_field: str | None, restart: bool, verbose: bool) -> int:
+                  text_field: str | None, restart: bool, verbose: bool, write_removed: bool = False) -> int:
     from .pipeline import run_clean
 
     quiet_datatrove(verbose)
     report = run_clean(input, output, config, workers=workers, executor=executor, text_field=text_field,
-                       restart=restart)
+                       restart=restart, overrides={"output.write_removed": True} if write_removed else None)
     if "submitted" in report:
         print(f"submitted {len(report['submitted'])} dependent Slurm jobs ({', '.join(report['submitted'])}); "
               f"the report will be at {report['output']}/report.md")

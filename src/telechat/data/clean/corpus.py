@@ -258,7 +258,7 @@ def debian_docs(roots: dict[str, Path]) -> Iterator[tuple[str, str]]:
 _TAGGED_RE = re.compile(r"\S+/[a-z$*+\-]+(?:-[a-z]+)*")
 
 
-def _text_member(name: str, text: str) -> Iterator[str]:
+def text_member(name: str, text: str) -> Iterator[str]:
     text = text.replace("\r\n", "\n")
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if lines and sum(1 for ln in lines[:50] if re.fullmatch(r".\t\S+", ln)) > 0.8 * min(50, len(lines)):
@@ -300,7 +300,7 @@ def local_docs(paths: list[str]) -> Iterator[tuple[str, str]]:
                         if m.endswith("/") or Path(m).name.upper().startswith("README"):
                             continue
                         raw = zf.read(m).decode("utf-8", errors="replace")
-                        it = _csv_member(raw) if m.endswith(".csv") else _text_member(m, raw)
+                        it = _csv_member(raw) if m.endswith(".csv") else text_member(m, raw)
                         for doc in it:
                             yield name, doc
             elif f.suffix == ".csv":
@@ -317,7 +317,7 @@ def local_docs(paths: list[str]) -> Iterator[tuple[str, str]]:
                         if text:
                             yield name, text
             elif f.suffix in (".txt", ".md", ".rst", ""):
-                yield from ((name, d) for d in _text_member(f.name, f.read_text(encoding="utf-8", errors="replace")))
+                yield from ((name, d) for d in text_member(f.name, f.read_text(encoding="utf-8", errors="replace")))
 
 
 class ShardSink:

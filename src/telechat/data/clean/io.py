@@ -81,7 +81,8 @@ class TeleChatReader(BaseReader):
     name = "📖 TeleChat raw text"
 
     def __init__(self, files: list[str], root: str, rcfg: dict, key: str = "00-read", report_dir: str | None = None,
-                 examples: int = 3, excerpt_chars: int = 160, shard_by_record: bool = False):
+                 examples: int = 3, excerpt_chars: int = 160, shard_by_record: bool = False,
+                 removed_dir: str | None = None):  # unreadable records are listed by line in the report
         super().__init__()
         self.files, self.root, self.rcfg = list(files), root, dict(rcfg)
         self.key, self.report_dir = key, report_dir
@@ -106,7 +107,8 @@ class TeleChatReader(BaseReader):
 
     def _doc(self, text: str, rel: str, line, ident: str, extra: dict | None = None):
         """The Document for a decoded text, after the empty/length checks (or None). `extra`: the
-        record's other scalar fields (e.g. "source"), kept as metadata for output.fields."""
+        record's other fields (its id, source, metadata), kept as metadata["record"] and written
+        back next to the text (output.keep_input_fields)."""
         self.acc.chars_in += len(text)
         if not text.strip():
             self._problem("empty_document", rel, line)
@@ -124,8 +126,9 @@ class TeleChatReader(BaseReader):
         self.acc.docs_out += 1
         self.acc.chars_out += len(text)
         self.per_file[rel]["docs"] += 1
-        meta = dict(extra) if extra else {}
-        meta.update(file=rel, line=line)
+        meta = {"file": rel, "line": line}
+        if extra:
+            meta["record"] = extra
         return Document(text=text, id=ident, metadata=meta)
 
     def _decode(self, raw: bytes, rel: str, line):
@@ -174,8 +177,7 @@ class TeleChatReader(BaseReader):
                 if key is None:
                     self._problem("missing_field", rel, n, f"no string field {' / '.join(fields)}")
                     continue
-                extra = {k: v for k, v in rec.items() if k != key and isinstance(v, (int, float, bool))
-                         or (isinstance(v, str) and len(v) <= 1000 and k != key)}  # small fields only
+                extra = {k: v for k, v in rec.items() if k != key}  # id and metadata go back to the output
                 doc = self._doc(rec[key], rel, n, f"{rel}:{n}", extra)
                 if doc is not None:
                     yield doc
@@ -193,17 +195,18 @@ class TeleChatReader(BaseReader):
                     self._problem("missing_field", rel, None, f"no column {col or ' / '.join(TEXT_FIELDS)} in {names}")
                 return
             row = 0
-            for batch in pf.iter_batches(batch_size=1024, columns=[col]):
-                for value in batch.column(0).to_pylist():
+            for batch in pf.iter_batches(batch_size=1024):
+                for rec in batch.to_pylist():
                     row += 1
                     if not self._owned():
                         continue
                     self.acc.docs_in += 1
                     self.per_file[rel]["records"] += 1
+                    value = rec.pop(col)
                     if not isinstance(value, str):
                         self._problem("missing_field", rel, row, f"{col} is {type(value).__name__}")
                         continue
-                    doc = self._doc(value, rel, row, f"{rel}:{row}")
+                    doc = self._doc(value, rel, row, f"{rel}:{row}", {k: json_value(v) for k, v in rec.items()})
                     if doc is not None:
                         yield doc
 
@@ -342,16 +345,49 @@ class ShardWriter(JsonlWriter):
         yield from super().run(data, rank, world_size)
 
 
-def ptd_adapter(fields: tuple[str, ...]):
-    """TeleChat-PTD records: {"data": text} plus the chosen metadata fields."""
+def json_value(v):
+    """A parquet cell as JSON can hold it (bytes, dates and decimals as text)."""
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, dict):
+        return {str(k): json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_value(x) for x in v]
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    return str(v)
+
+
+def ptd_adapter(fields: tuple[str, ...], keep_input_fields: bool = True):
+    """TeleChat-PTD records: {"data": text}, the input record's other fields (its id and metadata;
+    `keep_input_fields`), then the chosen pipeline fields (language, quality_score, ...; "id" is
+    where the document was read, FILE:LINE) where the record has no field of that name."""
 
     def adapter(self, doc: Document) -> dict:
         rec = {"data": doc.text}
+        record = doc.metadata.get("record") or {}
+        if keep_input_fields:
+            rec.update((k, v) for k, v in record.items() if k != "data")
         for k in fields:
+            if k in rec:
+                continue
             if k == "id":
                 rec["id"] = doc.id
-            elif k in doc.metadata:
+            elif k in doc.metadata and k != "record":
                 rec[k] = doc.metadata[k]
+            elif k in record:
+                rec[k] = record[k]
         return rec
 
     return adapter
+
+
+def removed_record(doc: Document, stage: str, reason: str, detail: str | None) -> dict:
+    """A removed document for the sidecar: its text, where it was read, why it was removed, and
+    the input record's other fields."""
+    rec = {"data": doc.text, "location": doc.id, "stage": stage, "reason": reason}
+    if detail:
+        rec["detail"] = detail
+    for k, v in (doc.metadata.get("record") or {}).items():
+        rec.setdefault(k, v)
+    return rec

@@ -29,6 +29,7 @@ from ..prepare import DataError
 from .config import load_config
 
 WORK = ".work"
+REMOVED = "removed"  # OUTPUT/removed/: the removed-documents sidecar (output.write_removed)
 RUN_FORMAT = "telechat-clean-run-v1"
 
 
@@ -75,7 +76,6 @@ def _fingerprint(files: list[str]) -> list:
 def plan(cfg: dict, files: list[str], output: str, tasks: int, workers: int, classifier_model: str | None) -> tuple[list[Stage], dict]:
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
-    from datatrove.pipeline.filters import GopherQualityFilter
 
     from .base import StreamStep
     from .dedup import ChineseAwareMinhashSignature, exact_config, lsh_threshold, minhash_config
@@ -84,13 +84,14 @@ def plan(cfg: dict, files: list[str], output: str, tasks: int, workers: int, cla
     from .pii import PIIStep
     from .quality import ClassifierStep, PerplexityStep, QualitySelectStep
     from .report import ReportStep
-    from .rules import (BoilerplateStep, ChineseRules, EnglishRules, GopherRepetition, LanguageStep, RuleStep,
-                        SensitiveWordStep, gopher_language)
+    from .rules import (BoilerplateStep, ChineseRules, EnglishRules, GopherQuality, GopherRepetition, LanguageStep,
+                        RuleStep, SensitiveWordStep, gopher_language)
 
     work = os.path.join(output, WORK)
     rep = os.path.join(work, "report")
     scores = os.path.join(work, "scores")
-    kw = dict(report_dir=rep, examples=cfg["report"]["examples"], excerpt_chars=cfg["report"]["excerpt_chars"])
+    kw = dict(report_dir=rep, examples=cfg["report"]["examples"], excerpt_chars=cfg["report"]["excerpt_chars"],
+              removed_dir=os.path.join(output, REMOVED) if cfg["output"]["write_removed"] else None)
     labels: dict[str, str] = {}
     counter = [0]
 
@@ -121,7 +122,7 @@ def plan(cfg: dict, files: list[str], output: str, tasks: int, workers: int, cla
     if cfg["gopher_quality_en"]["enabled"]:
         g = {k: v for k, v in cfg["gopher_quality_en"].items() if k not in ("enabled", "tokenizer")}
         lang_tok = gopher_language(cfg["gopher_quality_en"]["tokenizer"])
-        steps.append(RuleStep(key("gopher quality en"), GopherQualityFilter(**g, language=lang_tok), languages=("en",), **kw))
+        steps.append(RuleStep(key("gopher quality en"), GopherQuality(**g, language=lang_tok), languages=("en",), **kw))
     if cfg["gopher_repetition_en"]["enabled"]:
         g = {k: v for k, v in cfg["gopher_repetition_en"].items() if k not in ("enabled", "tokenizer")}
         g["top_n_grams"] = tuple(tuple(x) for x in g["top_n_grams"])
@@ -147,6 +148,8 @@ def plan(cfg: dict, files: list[str], output: str, tasks: int, workers: int, cla
         return folder
 
     info: dict = {"labels": labels, "inputs": files, "tasks": tasks}
+    if kw["removed_dir"]:
+        info["removed_documents"] = kw["removed_dir"]
     dedup = cfg["dedup"]
     first_name = "filter"
     if dedup["exact"]["enabled"]:
@@ -189,7 +192,8 @@ def plan(cfg: dict, files: list[str], output: str, tasks: int, workers: int, cla
         steps = [RankReader(folder), QualitySelectStep(key("quality select"), q, scores, **kw)]
         first_name = "select"
     fields = tuple(cfg["output"]["fields"])
-    final = ShardWriter(output, cfg["output"]["compression"], adapter=ptd_adapter(fields))
+    final = ShardWriter(output, cfg["output"]["compression"],
+                        adapter=ptd_adapter(fields, cfg["output"]["keep_input_fields"]))
     stages.append(Stage(first_name, tasks, steps + [final], clear=[]))
     stages.append(Stage("report", 1, [ReportStep(rep, output, info, cfg["report"]["examples"])], always=True))
     return stages, info
@@ -248,6 +252,7 @@ def _prepare_output(output: Path, manifest: dict, restart: bool) -> dict | None:
     run_file = output / WORK / "run.json"
     if restart and run_file.exists():
         shutil.rmtree(output / WORK)
+        shutil.rmtree(output / REMOVED, ignore_errors=True)
         for f in output.iterdir():
             if f.is_file() and (f.name[:5].isdigit() and ".jsonl" in f.name or f.name in ("report.json", "report.md")):
                 f.unlink()

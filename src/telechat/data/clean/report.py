@@ -55,6 +55,19 @@ def merge_parts(report_dir: str, max_examples: int = 3) -> list[dict]:
     return stages
 
 
+def removed_by_rule(stages: list[dict]) -> dict:
+    """Every removal reason of every stage, most documents first: {rule: {stage, count, chars,
+    examples}} (the reader's bad-input reasons are in bad_input)."""
+    out = {}
+    for s in stages:
+        if s["key"].endswith("-read"):
+            continue
+        for reason, r in s["removed"].items():
+            out[reason] = {"stage": s.get("name", s["key"]), "count": r["count"], "chars": r["chars"],
+                           "examples": r["examples"]}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["count"]))
+
+
 def build_report(report_dir: str, output_dir: str, info: dict, max_examples: int = 3) -> dict:
     stages = merge_parts(report_dir, max_examples)
     labels = info.get("labels", {})
@@ -80,7 +93,8 @@ def build_report(report_dir: str, output_dir: str, info: dict, max_examples: int
         "stages": stages,
         "bad_input": bad,
     }
-    for k in ("dedup", "quality", "config_file", "executor", "tasks"):
+    report["removed_by_rule"] = removed_by_rule(stages)
+    for k in ("dedup", "quality", "config_file", "executor", "tasks", "removed_documents"):
         if k in info:
             report[k] = info[k]
     cut = os.path.join(report_dir, "quality_cutoffs.json")
@@ -110,6 +124,13 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {s['name']} | {_n(s['docs_in'])} | {_n(s['docs_out'])} | {_n(removed)} | {_n(s['chars_in'])} | "
                      f"{_n(s['chars_out'])} | {_n(s['modified'])} | {top} |")
     lines.append("")
+    if report.get("removed_by_rule"):
+        lines += ["## Removed documents, by rule", "", "| rule | stage | documents | characters |", "|---|---|---:|---:|"]
+        lines += [f"| {k} | {r['stage']} | {_n(r['count'])} | {_n(r['chars'])} |" for k, r in report["removed_by_rule"].items()]
+        if report.get("removed_documents"):
+            lines.append("")
+            lines.append(f"The removed documents, with stage, reason and detail: `{report['removed_documents']}/*.jsonl`.")
+        lines.append("")
     for s in report["stages"]:
         if not s["removed"] and not s["counters"]:
             continue

@@ -152,3 +152,146 @@ def bad_documents(rng: random.Random) -> dict[str, list[str]]:
                             en_ok + " Online casino! Online casino bonus, porn, xxx, viagra, cialis, replica watches, "
                             "payday loan, buy followers now."],
     }
+
+
+# ---- labelled junk for the quality benchmark ---------------------------------------------------------
+# Each kind names the stage that should remove it (the report key suffix of that stage).
+JUNK_KINDS = {
+    "repeated_lines": {"zh": "rules_zh", "en": "gopher_repetition_en"},
+    "repeated_paragraphs": {"zh": "rules_zh", "en": "gopher_repetition_en"},
+    "generation_loop": {"zh": "rules_zh", "en": "gopher_repetition_en"},
+    "keyword_stuffing": {"zh": "rules_zh", "en": "gopher_repetition_en"},
+    "boilerplate": {"zh": "boilerplate", "en": "boilerplate"},
+    "mojibake": {"zh": "rules_zh", "en": "rules_en"},
+    "symbol_soup": {"zh": "rules_zh", "en": "rules_en"},
+    "digit_soup": {"zh": "rules_zh", "en": "rules_en"},
+    "pii_laden": {"zh": "pii", "en": "pii"},
+    "sensitive_words": {"zh": "sensitive_words", "en": "sensitive_words"},
+}
+_ZH_SENT = __import__("re").compile(r"[^。！？!?\n]+[。！？!?]*")
+_EN_SENT = __import__("re").compile(r"[^.!?\n]+[.!?]*")
+_SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈"
+_GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰飞鹏辉建国文红梅婷雪琳晨宇浩然子涵"
+_EN_NAMES = ["James", "Mary", "John", "Linda", "Robert", "Susan", "Michael", "Karen", "David", "Nancy", "Daniel",
+             "Laura", "Paul", "Emma", "Mark", "Sarah", "Peter", "Helen", "George", "Alice"]
+_EN_SURNAMES = ["Smith", "Brown", "Wilson", "Taylor", "Clark", "Walker", "Hall", "Young", "King", "Wright", "Green",
+                "Baker", "Adams", "Nelson", "Hill", "Carter", "Mitchell", "Turner", "Parker", "Evans"]
+_ZH_NAV = ["首页", "新闻中心", "产品展示", "联系我们", "关于我们", "网站地图", "在线留言", "客户服务", "加入收藏", "设为首页"]
+_EN_NAV = ["Home", "About us", "Contact", "Products", "Blog", "Careers", "Sitemap", "Support", "Login", "Sign up"]
+
+
+def split_sentences(text: str, lang: str) -> list[str]:
+    rx = _ZH_SENT if lang == "zh" else _EN_SENT
+    return [s.strip() for s in rx.findall(text) if len(s.strip()) >= (8 if lang == "zh" else 25)]
+
+
+def _id_card(rng: random.Random) -> str:
+    from .pii import ID_CHECK, ID_WEIGHTS
+
+    body = f"{rng.choice([110101, 310104, 440305, 330106, 510107])}{rng.randint(1950, 2004)}" \
+           f"{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}{rng.randint(0, 999):03d}"
+    return body + ID_CHECK[sum(int(c) * w for c, w in zip(body, ID_WEIGHTS)) % 11]
+
+
+def junk_document(kind: str, lang: str, rng: random.Random, material: list[str]) -> str:
+    """A document of junk `kind` (see JUNK_KINDS) in `lang`, made from `material` (sentences of
+    clean text, so that only the defect separates it from clean text)."""
+    zh = lang == "zh"
+    sep = "" if zh else " "
+    pick = lambda k: rng.sample(material, min(k, len(material)))  # noqa: E731
+    if kind == "repeated_lines":
+        lines = pick(rng.randint(1, 3))
+        body = [rng.choice(lines) for _ in range(rng.randint(8, 20))]
+        return "\n".join(pick(2) + body)
+    if kind == "repeated_paragraphs":
+        para = sep.join(pick(rng.randint(2, 4)))
+        return "\n\n".join([sep.join(pick(2))] + [para] * rng.randint(3, 6))
+    if kind == "generation_loop":  # a model that fell into a loop: a fluent start, then one or two sentences again and again
+        loop = pick(rng.randint(1, 2))
+        start = sep.join(pick(rng.randint(1, 3)))
+        return start + sep + sep.join(loop * rng.randint(8, 25))
+    if kind == "keyword_stuffing":
+        words = []
+        for s in pick(4):
+            s = s.strip("。！？.!? ")
+            if zh:
+                i = rng.randrange(max(1, len(s) - 4))
+                words.append(s[i:i + rng.randint(2, 4)])
+            else:
+                ws = s.split()
+                i = rng.randrange(max(1, len(ws) - 2))
+                words.append(" ".join(ws[i:i + rng.randint(1, 2)]))
+        suffixes = (["价格", "多少钱", "哪家好", "排名", "官网", "推荐", "2024", "最新", "大全", "图片"] if zh else
+                    ["price", "cheap", "best", "online", "2024", "near me", "reviews", "deals", "buy", "free"])
+        items = [rng.choice(words) + rng.choice(["", "", ("" if zh else " ") + rng.choice(suffixes)])
+                 for _ in range(rng.randint(30, 70))]
+        joiner = rng.choice([" ", "，", "|", "、"] if zh else [" ", ", ", " | ", " - "])
+        head = sep.join(pick(1))
+        return head + "\n" + joiner.join(items)
+    if kind == "boilerplate":
+        nav = _ZH_NAV if zh else _EN_NAV
+        lines = [" | ".join(rng.sample(nav, 5))]
+        if zh:
+            lines += ["当前位置：首页 > 新闻中心 > 正文", rng.choice(material)[:40], "点击这里查看更多", "上一篇：" + rng.choice(material)[:15],
+                      "下一篇：" + rng.choice(material)[:15], f"版权所有 © 20{rng.randint(10, 24)} 某某网络科技有限公司",
+                      "扫一扫关注我们的公众号", f"京ICP备{rng.randint(10000000, 99999999)}号", "免责声明：本站部分内容来源于网络"]
+        else:
+            lines += ["Skip to main content", rng.choice(material)[:60], "Read more", "Share this article",
+                      "Previous post: " + rng.choice(material)[:30], "Next post: " + rng.choice(material)[:30],
+                      f"Copyright © 20{rng.randint(10, 24)} Example Media Ltd. All rights reserved.",
+                      "Privacy Policy | Terms of Use | Cookie Settings", "Follow us on social media", "Accept all cookies"]
+        return "\n".join(lines)
+    if kind == "mojibake":
+        text = sep.join(pick(rng.randint(4, 8)))
+        if zh:
+            how = rng.choice(["gbk", "gbk", "kunkao", "replacement"])
+            if how == "gbk":  # UTF-8 bytes read as GBK
+                return text.encode("utf-8").decode("gbk", errors="replace")
+            if how == "kunkao":  # GBK bytes read as UTF-8 and written back ("锟斤拷")
+                return "".join("锟斤拷" if rng.random() < 0.3 and c.strip() else c for c in text)
+            return "".join("\ufffd\ufffd" if rng.random() < 0.3 and c.strip() else c for c in text)
+        # curly quotes and dashes written as UTF-8, read as cp1252
+        t = text.replace("'", "\u2019").replace(", ", " \u2014 ", 3)
+        t = "\u201c" + t + "\u201d"
+        words = t.split(" ")
+        for i in rng.sample(range(len(words)), max(1, len(words) // 5)):
+            words[i] = words[i] + rng.choice(["\u2019s", "\u2026", "\u00e9", "\u2013"])
+        return " ".join(words).encode("utf-8").decode("cp1252", errors="replace")
+    if kind == "symbol_soup":
+        syms = "■□▲△◆◇★☆●○※◎♦♣♥♠✔✘☞☜♪♫✈☎" + "😀🔥👍🎉💰🚀✨⚡"
+        parts = []
+        for s in pick(rng.randint(2, 4)):
+            parts.append("".join(rng.choice(syms) for _ in range(rng.randint(4, 12))))
+            parts.append(s[:rng.randint(6, 20)])
+        return (" " if not zh else "").join(parts) + "".join(rng.choice(syms) for _ in range(10))
+    if kind == "digit_soup":
+        lines = [sep.join(pick(1))]
+        for _ in range(rng.randint(8, 20)):
+            nums = " ".join(f"{rng.randint(0, 99):02d}" for _ in range(rng.randint(5, 9)))
+            lines.append((f"第{rng.randint(2020000, 2024999)}期 " if zh else f"Draw {rng.randint(1000, 9999)}: ") + nums)
+        return "\n".join(lines)
+    if kind == "pii_laden":
+        lines = [sep.join(pick(1))]
+        for _ in range(rng.randint(6, 14)):
+            if zh:
+                name = rng.choice(_SURNAMES) + "".join(rng.sample(_GIVEN, rng.randint(1, 2)))
+                lines.append(f"{name} 手机：1{rng.choice('3456789')}{rng.randint(0, 999999999):09d} "
+                             f"身份证：{_id_card(rng)} 邮箱：{name.encode('unicode_escape')[2:6].decode().lower()}"
+                             f"{rng.randint(100, 999)}@163.com")
+            else:
+                first, last = rng.choice(_EN_NAMES), rng.choice(_EN_SURNAMES)
+                lines.append(f"{first} {last}, phone +1 {rng.randint(200, 999)}-{rng.randint(200, 999)}-"
+                             f"{rng.randint(1000, 9999)}, email {first.lower()}.{last.lower()}@example.com, "
+                             f"last login from {rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}."
+                             f"{rng.randint(1, 254)}")
+        return "\n".join(lines)
+    if kind == "sensitive_words":
+        words = (["在线赌场", "百家乐", "老虎机", "六合彩", "时时彩", "真人荷官", "博彩", "代开发票", "办证", "裸聊", "一夜情"]
+                 if zh else ["online casino", "casino bonus", "porn", "xxx", "viagra", "cialis", "replica watches",
+                             "payday loan", "buy followers", "sports betting", "escort service"])
+        body = pick(rng.randint(3, 6))
+        for _ in range(rng.randint(3, 6)):
+            body.insert(rng.randrange(len(body) + 1), ("，".join if zh else ", ".join)(rng.sample(words, 3)) +
+                        ("！" if zh else "!"))
+        return sep.join(body)
+    raise ValueError(f"unknown junk kind {kind!r}; choose from {sorted(JUNK_KINDS)}")

@@ -76,3 +76,72 @@ def han_share_quick(text: str, sample_chars: int = 4000) -> float:
     s = text[:sample_chars]
     n = len(s) - len(SPACE_RE.findall(s))
     return len(HAN_RE.findall(s)) / n if n else 0.0
+
+
+# ---- the prose of a document, for the statistics of the rules ----------------------------------------
+# Markdown that SFT answers and documentation use (fenced code, tables, headings, bullets, emphasis)
+# is layout, not content: code repeats lines and symbols, a table's rules are dashes and bars.
+_FENCE_RE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
+_TABLE_RULE_RE = re.compile(r"^[ \t]*\|?(?:[ \t]*:?-{2,}:?[ \t]*\|)+[ \t]*(?::?-{2,}:?[ \t]*)?$", re.M)
+_TABLE_ROW_RE = re.compile(r"^[ \t]*\|(.*)\|[ \t]*$", re.M)
+_MARKUP_RE = re.compile(r"^[ \t]*(?:#{1,6}[ \t]+|[-*+•][ \t]+|>[ \t]?)|\*\*|__|`", re.M)
+# TeX formulas, inline code, and reStructuredText directives, field lines and section underlines
+_MATH_RE = re.compile(r"\$\$.+?\$\$|\\\[.+?\\\]|\\\(.+?\\\)|(?<![\w$])\$[^$\n]{1,200}\$(?![\w$])", re.S)
+_INLINE_CODE_RE = re.compile(r"`[^`\n]+`")
+_ROLE_RE = re.compile(r":[\w.+-]+(?::[\w.+-]+)*:`~?([^`<\n]+?)\s*(?:<[^>\n]*>)?`")  # :c:func:`PyDict_New` -> PyDict_New
+_EMPHASIS_RE = re.compile(r"(?<![\w*])\*([^\s*][^*\n]*?)\*(?![\w*])")
+_REST_RE = re.compile(r"^[ \t]*(?:\.\. [^\n]*|:[\w -]+:(?:[ \t][^\n]*)?|([=\-#~^*+\"'`:.])\1{2,}[ \t]*)$", re.M)
+_MARKUP_CHARS = frozenset("`|#*-_>•~$\\.=")
+
+
+def prose(text: str) -> str:
+    """`text` without fenced and inline code, TeX formulas, reStructuredText directives and
+    section underlines, table rules and bars, heading/bullet/quote markers and emphasis; the
+    text itself when that leaves nothing."""
+    if not _MARKUP_CHARS.intersection(text):
+        return text
+    t = _FENCE_RE.sub("", text)
+    t = _MATH_RE.sub(" ", t)
+    t = _ROLE_RE.sub(r"\1", t)
+    t = _INLINE_CODE_RE.sub(" ", t)
+    t = _EMPHASIS_RE.sub(r"\1", t)
+    t = _REST_RE.sub("", t)
+    t = _TABLE_RULE_RE.sub("", t)
+    t = _TABLE_ROW_RE.sub(lambda m: m.group(1).replace("|", " "), t)
+    t = _MARKUP_RE.sub("", t)
+    return t if t.strip() else text
+
+
+# ---- mojibake -----------------------------------------------------------------------------------------
+# U+FFFD, "锟斤拷"/"烫烫烫"/"屯屯屯" (GBK bytes that went through U+FFFD or uninitialised memory), and
+# UTF-8 read as cp1252/latin-1 ("â€™", "Ã©"): a lead byte's character before a continuation byte's.
+MOJIBAKE_RE = re.compile("\ufffd+|(?:锟斤拷)+|烫{2,}|屯{2,}|[ÂÃÅâäåæçèéêëðïî][\u0080-\u00bf€‚ƒ„…†‡ˆ‰Š‹ŒŽ‘’“”•–—˜™š›œžŸ]")
+_COMMON_HAN: dict[str, bool] = {}
+
+
+def common_han(ch: str) -> bool:
+    """Is `ch` one of the frequently used characters (GB2312 level 1, or Big5's frequent set)? UTF-8
+    read as GBK turns text into a stream of rarely used characters (中文 -> 涓枃)."""
+    v = _COMMON_HAN.get(ch)
+    if v is None:
+        v = False
+        try:
+            v = 0xB0 <= ch.encode("gb2312")[0] <= 0xD7
+        except UnicodeEncodeError:
+            pass
+        if not v:
+            try:
+                b = ch.encode("big5")
+                v = 0xA440 <= (b[0] << 8 | b[1]) <= 0xC67E
+            except UnicodeEncodeError:
+                pass
+        _COMMON_HAN[ch] = v
+    return v
+
+
+def rare_han_share(text: str) -> tuple[float, int]:
+    """(share of Han characters outside the frequent sets, Han characters)."""
+    han = HAN_RE.findall(text)
+    if not han:
+        return 0.0, 0
+    return sum(1 for c in han if not common_han(c)) / len(han), len(han)
