@@ -5,7 +5,7 @@ from typing import Iterator
 
 import torch
 
-from .generate import generate_tokens, resolve_params
+from .generate import default_max_new_tokens, generate_tokens, resolve_params
 from .tokenizer import StreamDecoder, Tokenizer
 
 _ROLES = {"user": "user", "bot": "bot", "assistant": "bot", "system": "system"}
@@ -158,13 +158,12 @@ def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] 
     defaults = _gen_defaults(model, generation_config)
     context = int(defaults.get("max_length") or model.config.seq_length)
     max_new = kwargs.pop("max_new_tokens", None)
-    if max_new is None:
-        max_new = defaults.get("max_new_tokens")
     # Room for the answer, but never so much that the question itself gets cut.
-    reserve = min(int(max_new), context // 2) if max_new is not None else min(1024, context // 2)
+    wanted = max_new if max_new is not None else default_max_new_tokens(defaults, 0, context)
+    reserve = min(int(wanted), context // 2)
     ids = encode_conversation(tokenizer, question, history_list, max_length=max(3, context - reserve))
     if max_new is None:
-        max_new = max(1, context - len(ids))
+        max_new = default_max_new_tokens(defaults, len(ids), context)
     if chat_format(tokenizer) == "telechat":
         defaults.setdefault("user_token_id", tokenizer.user_id)
     if tokenizer.eos_id is not None:
@@ -181,7 +180,10 @@ def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] 
         delta = decoder.push(t)
         if delta:
             yield delta
-    tail = decoder.flush()
+    # Held-back bytes at the end are a character cut in half (by max_new_tokens or a stop id):
+    # they would decode as U+FFFD, so they are dropped, streamed or not.
+    tail = decoder.flush().rstrip("\ufffd")
+    decoder.text = decoder.text.rstrip("\ufffd")
     if tail:
         yield tail
     history_list.append({"role": "user", "content": question})

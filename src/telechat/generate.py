@@ -10,6 +10,11 @@ from torch import Tensor
 from .model import TeleChat, rope_cos_sin
 
 
+# Answers stop here when neither the caller nor generation_config.json sets max_new_tokens: a model
+# that never emits its stop token (greedy loops) must not run to the end of an 8k context.
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
@@ -33,6 +38,16 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def default_max_new_tokens(defaults: dict, prompt_len: int, context: int) -> int:
+    """Tokens to generate when the caller gives no max_new_tokens: generation_config's own
+    `max_new_tokens`, else DEFAULT_MAX_NEW_TOKENS; either way at most what `max_length` (the
+    total, else `context`) leaves after the prompt, and at least 1."""
+    room = int(defaults.get("max_length") or context) - prompt_len
+    own = defaults.get("max_new_tokens")
+    n = int(own) if own is not None else DEFAULT_MAX_NEW_TOKENS
+    return max(1, min(n, room))
 
 
 def resolve_params(defaults: dict, vocab_size: int, **overrides) -> SamplingParams:

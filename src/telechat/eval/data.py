@@ -485,7 +485,7 @@ def read_arrow_text(path: Path, column: str = "text") -> list[str]:
     try:
         import pyarrow as pa
     except ImportError:
-        raise DataError(f"{path}: reading .arrow files needs pyarrow (pip install pyarrow); "
+        raise DataError(f"{path}: reading .arrow files needs pyarrow (pip install \"telechat[eval]\"); "
                         "or pass the raw text file (wiki.test.raw)") from None
     try:
         with pa.memory_map(str(path)) as src:

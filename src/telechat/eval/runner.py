@@ -121,11 +121,16 @@ def _limit(items: list[Item], limit: int | None) -> list[Item]:
     return items if limit is None else items[:limit]
 
 
+def has_subjects(task: Task, loaded: Loaded) -> bool:
+    """Whether --subjects applies to the task (hellaswag, gsm8k, ... are one subject named after it)."""
+    return set(loaded.subjects) != {task.name}
+
+
 def _select(task: Task, loaded: Loaded, cfg: EvalConfig):
     """(items per subject, few-shot examples per subject, shots, where the examples come from)."""
     shots = task.default_shots if cfg.shots is None else cfg.shots
     subjects = loaded.subjects
-    if cfg.subjects:
+    if cfg.subjects and has_subjects(task, loaded):
         subjects = {s: v for s, v in subjects.items() if s in cfg.subjects}
     shots_from = loaded.shots_from
     if shots and not any(loaded.shots.values()):
@@ -335,12 +340,71 @@ def _run_ppl(llm, task, subjects, pools, cfg, engine: LoglikEngine) -> tuple[lis
 
 
 # ---- one task, all tasks ----------------------------------------------------------------------------
-def run_task(llm, task: Task, cfg: EvalConfig, engine: LoglikEngine | None = None) -> dict:
+def _load(task: Task, cfg: EvalConfig) -> Loaded:
+    try:
+        return task.load(Path(cfg.data_dir))
+    except ImportError as e:  # e.g. pyarrow for .arrow files
+        name = getattr(e, "name", None) or str(e)
+        raise DataError(f"{task.name}: reading its data needs the {name} package, which is not installed: "
+                        f'pip install "telechat[eval]"') from None
+
+
+def _check_selection(task: Task, loaded: Loaded, cfg: EvalConfig) -> None:
+    subjects = _select(task, loaded, cfg)[0]
+    if subjects:
+        return
+    if cfg.subjects and has_subjects(task, loaded):
+        have = sorted(loaded.subjects)
+        raise DataError(f"{task.name}: none of --subjects {','.join(cfg.subjects)} is one of its subjects "
+                        f"({len(have)}: {', '.join(have[:8])}{', ...' if len(have) > 8 else ''}); "
+                        "evaluate it in a separate run")
+    raise DataError(f"{task.name}: no items to evaluate in {Path(cfg.data_dir) / task.folder}")
+
+
+def load_tasks(cfg: EvalConfig) -> dict[str, tuple[Task, Loaded]]:
+    """Every task's data read and checked (files, subjects, few-shot examples, items) before any
+    task runs, so that a mistake in the last one is not found after hours of the first."""
+    cfg.validate()
+    out: dict[str, tuple[Task, Loaded]] = {}
+    for name in cfg.tasks:
+        task = get_task(name)
+        loaded = _load(task, cfg)
+        _check_selection(task, loaded, cfg)
+        out[task.name] = (task, loaded)
+    if cfg.subjects:
+        known = {s for _, loaded in out.values() for s in loaded.subjects}
+        unknown = [s for s in cfg.subjects if s not in known]
+        if unknown:
+            raise DataError(f"--subjects: {', '.join(unknown)} not found in any of the tasks {', '.join(out)}")
+    return out
+
+
+class EvalIncomplete(Exception):
+    """A task failed after others finished: `.report` holds the finished tasks' results."""
+
+    def __init__(self, task: str, cause: BaseException, report: dict):
+        super().__init__(f"{task} failed: {cause}")
+        self.task, self.cause, self.report = task, cause, report
+
+
+def check_lengths(llm, cfg: EvalConfig, tasks: dict[str, tuple[Task, Loaded]]) -> None:
+    """Generation lengths that leave no room for a prompt fail now, not when their task's turn comes."""
+    context = int(llm.config.seq_length)
+    for task, _ in tasks.values():
+        generates = task.kind in ("gen", "code") or (task.kind == "mc" and cfg.mode == "generate")
+        max_new = cfg.max_new_tokens or task.max_new_tokens
+        if generates and max_new >= context:
+            raise ValueError(f"{task.name}: max_new_tokens {max_new} leaves no room for a prompt in the model's "
+                             f"context of {context} tokens")
+
+
+def run_task(llm, task: Task, cfg: EvalConfig, engine: LoglikEngine | None = None,
+             loaded: Loaded | None = None) -> dict:
     t0 = time.time()
-    loaded = task.load(Path(cfg.data_dir))
+    if loaded is None:
+        loaded = _load(task, cfg)
+        _check_selection(task, loaded, cfg)
     subjects, pools, shots, shots_from = _select(task, loaded, cfg)
-    if not subjects:
-        raise DataError(f"{task.name}: no items to evaluate" + (f" for subjects {cfg.subjects}" if cfg.subjects else ""))
     engine = engine or LoglikEngine(llm.model, cfg.batch_size, cfg.share_prefix)
     mode = cfg.mode if task.kind == "mc" else {"gen": "generate", "code": "generate", "ppl": "loglik"}[task.kind]
     result = {"task": task.name, "kind": task.kind, "mode": mode, "shots": shots, "shots_from": shots_from}
@@ -384,15 +448,30 @@ def run_task(llm, task: Task, cfg: EvalConfig, engine: LoglikEngine | None = Non
     return result
 
 
-def evaluate(llm, cfg: EvalConfig) -> dict:
-    """Run every task of `cfg` on `llm`; the report dict (settings, per-task results, markdown table)."""
-    cfg.validate()
+def evaluate(llm, cfg: EvalConfig, tasks: dict[str, tuple[Task, Loaded]] | None = None) -> dict:
+    """Run every task of `cfg` on `llm`; the report dict (settings, per-task results, markdown table).
+
+    `tasks` is what `load_tasks(cfg)` returned (read now when None). If a task fails, the
+    EvalIncomplete raised carries the report of the tasks finished before it.
+    """
+    if tasks is None:
+        tasks = load_tasks(cfg)
+    check_lengths(llm, cfg, tasks)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     engine = LoglikEngine(llm.model, cfg.batch_size, cfg.share_prefix)
     results = {}
-    for name in cfg.tasks:
-        task = get_task(name)
-        results[task.name] = run_task(llm, task, cfg, engine)
+    for name, (task, loaded) in tasks.items():
+        try:
+            results[name] = run_task(llm, task, cfg, engine, loaded)
+        except Exception as e:
+            report = _report(llm, cfg, started, results)
+            report["failed"] = {"task": name, "error": f"{type(e).__name__}: {e}",
+                                "not_run": [n for n in tasks if n not in results and n != name]}
+            raise EvalIncomplete(name, e, report) from e
+    return _report(llm, cfg, started, results)
+
+
+def _report(llm, cfg: EvalConfig, started: str, results: dict) -> dict:
     from .. import __version__
 
     report = {

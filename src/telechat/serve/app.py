@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import chat as _chat
+from ..generate import default_max_new_tokens
 from ..llm import LLM
 from ..tokenizer import StreamDecoder
 from .engine import Engine, QueueFull, Stream
@@ -114,8 +115,9 @@ class Server:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens, and the prompt "
                                 f"alone is {prompt_len} tokens", "messages" if hasattr(req, "messages") else "prompt",
                            "context_length_exceeded")
-        if max_new is None:  # OpenAI's defaults: 16 for text completions, the rest of the context for chat
-            max_new = self.context - prompt_len if hasattr(req, "messages") else min(16, self.context - prompt_len)
+        if max_new is None:  # 16 for text completions (OpenAI's default); chat: the checkpoint's or 512
+            max_new = min(default_max_new_tokens(self.llm.generation_config, prompt_len, self.context)
+                          if hasattr(req, "messages") else 16, self.context - prompt_len)
         elif prompt_len + max_new > self.context:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
                                 f"requested {prompt_len + max_new} tokens ({prompt_len} in the prompt, {max_new} for "
@@ -322,7 +324,11 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
         ids, ctx, s = await srv.run(_telechat_prompt, srv, raw)
         # below 1e-5 a temperature overflows the logits: greedy, as on the OpenAI endpoints
         sample = s["do_sample"] and s["temperature"] >= 1e-5
-        params = srv.llm.sampling_params(max_new_tokens=max(1, ctx - len(ids)), do_sample=sample,
+        # The published max_length is the total; without it, answers stop where chat's do.
+        max_new = max(1, ctx - len(ids))
+        if not s["max_length_given"]:
+            max_new = min(max_new, default_max_new_tokens(srv.llm.generation_config, len(ids), ctx))
+        params = srv.llm.sampling_params(max_new_tokens=max_new, do_sample=sample,
                                          temperature=s["temperature"] if sample else None, top_k=s["top_k"],
                                          top_p=s["top_p"], repetition_penalty=s["repetition_penalty"])
         try:

@@ -255,7 +255,7 @@ def parse_telechat(raw: bytes) -> tuple[str, list[dict], dict]:
         raise TeleChatError("10904", "dialog must end with the user's question")
     if not dialog[-1]["content"].strip():
         raise TeleChatError("10904", "the question (last dialog entry) is empty")
-    settings = {}
+    settings = {"max_length_given": item.get("max_length") is not None}
     do_sample = item.get("do_sample", True)
     if do_sample is not None and not isinstance(do_sample, bool):
         raise TeleChatError("10305", f"do_sample must be true or false, got {do_sample!r}")
