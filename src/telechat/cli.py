@@ -160,17 +160,30 @@ def import_(source: str, /, output: str, quiet: bool = False) -> int:
 
 
 @command
-def export(model: str, /, output: str, for_: Literal["vllm"] = "vllm") -> int:
+def export(model: str, /, output: str, for_: Literal["vllm", "gguf"] = "vllm",
+           outtype: Literal["f32", "bf16", "f16", "q8_0"] = "f32") -> int:
     """Export a checkpoint for another engine.
 
     `--for vllm` writes a folder that vLLM's built-in TeleChat support (TeleChat2ForCausalLM)
     serves with the same math up to the model's training length: `vllm serve OUTPUT`.
 
+    `--for gguf` writes one GGUF file (llama.cpp's "llama" architecture, tokenizer and chat
+    template included) for llama.cpp, llama-cpp-python and Ollama: `llama-cli -m OUTPUT`. The rope
+    base the model uses up to its training length is baked in and the context is capped there.
+
     Args:
         model: checkpoint folder, or "default".
-        output: folder to write (replaced if it exists).
+        output: folder to write for vllm, file to write for gguf (replaced if it exists).
         for_: target engine.
+        outtype: GGUF weight type (gguf only; norms and biases stay f32).
     """
+    if for_ != "gguf" and outtype != "f32":
+        raise ValueError(f"--outtype {outtype} applies to --for gguf only; vLLM folders keep the checkpoint's dtype")
+    if for_ == "gguf":
+        from .gguf_export import export_gguf
+
+        print(f"wrote {export_gguf(model, output, outtype)}")
+        return 0
     from .convert import export_vllm
 
     print(f"wrote {export_vllm(model, output)}")
