@@ -245,11 +245,8 @@ def test_slurm_executor_chain(tmp_path):
         make_executor(stages[0], "slurm", load_config(None), str(tmp_path), 1)
 
 
-def test_ray_executor_needs_ray(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("ray") is not None:
-        pytest.skip("ray is installed")
+def test_ray_executor_needs_ray(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed (import raises ImportError)
     _write_jsonl(tmp_path / "a.jsonl", [{"data": synth.document("en", random.Random(0))}])
     with pytest.raises(DataError, match="pip install 'ray"):
         run_clean(str(tmp_path / "a.jsonl"), tmp_path / "out", executor="ray")

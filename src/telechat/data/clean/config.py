@@ -94,6 +94,9 @@ def validate(cfg: dict) -> None:
     bad = [x for x in lang["keep"] if x not in ("zh", "en")]
     if bad:
         raise DataError(f"config: language.keep may hold zh and en, got {bad}")
+    tpj = cfg["executor"]["ray"]["tasks_per_job"]
+    if not isinstance(tpj, int) or isinstance(tpj, bool) or tpj < 1:
+        raise DataError(f"config: executor.ray.tasks_per_job must be a positive integer, got {tpj!r}")
     mh = cfg["dedup"]["minhash"]
     for k in ("num_buckets", "hashes_per_bucket", "zh_ngram", "en_ngram"):
         if not isinstance(mh[k], int) or mh[k] < 1:

@@ -230,7 +230,8 @@ def make_executor(stage: Stage, kind: str, cfg: dict, work: str, workers: int, d
         r = ecfg["ray"]
         return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
                                    logging_dir=logging_dir, skip_completed=not stage.always,
-                                   cpus_per_task=r["cpus_per_task"], mem_per_cpu_gb=r["mem_per_cpu_gb"])
+                                   cpus_per_task=r["cpus_per_task"], mem_per_cpu_gb=r["mem_per_cpu_gb"],
+                                   tasks_per_job=r["tasks_per_job"])
     raise DataError(f"unknown executor {kind!r} (local, slurm or ray)")
 
 
