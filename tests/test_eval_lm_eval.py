@@ -96,19 +96,21 @@ def test_adapter_matches_plain_computation(model_dir, tmp_path):
     assert 0.0 <= acc <= 1.0 and res["results"]["tc_ppl"]["word_perplexity,none"] > 1
 
 
-def lm_eval_command() -> list[str]:
-    """The bare `lm_eval` console script (found through the installed `telechat-lm-eval.pth` hook)."""
-    exe = shutil.which("lm_eval") or shutil.which("lm-eval")
-    return [exe] if exe else [sys.executable, "-m", "lm_eval"]
+def telechat_lm_eval_command() -> list[str]:
+    """The `telechat-lm-eval` console script (lm-eval's command line with "telechat" registered)."""
+    exe = shutil.which("telechat-lm-eval", path=os.pathsep.join([os.path.dirname(sys.executable),
+                                                                  os.environ.get("PATH", "")]))
+    assert exe, "the telechat-lm-eval console script is not installed (reinstall the package)"
+    return [exe]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["lm_eval", "module"])
+@pytest.mark.parametrize("command", ["script", "module"])
 def test_lm_eval_command_line(model_dir, tmp_path, command):
     tasks = write_tasks(tmp_path / "tasks")
     out = tmp_path / "out"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    argv = lm_eval_command() if command == "lm_eval" else [sys.executable, "-m", "telechat.eval.lm_eval_adapter"]
+    argv = telechat_lm_eval_command() if command == "script" else [sys.executable, "-m", "telechat.eval.lm_eval_adapter"]
     proc = subprocess.run([*argv, "--model", "telechat",
                            "--model_args", f"pretrained={model_dir}", "--tasks", "tc_mc", "--include_path", tasks,
                            "--batch_size", "2", "--output_path", str(out)],
@@ -120,13 +122,29 @@ def test_lm_eval_command_line(model_dir, tmp_path, command):
     assert "acc,none" in data["results"]["tc_mc"] and data["config"]["model"] == "telechat"
 
 
-def test_startup_hook_is_installed_and_light():
-    """Every interpreter runs the hook; it must load neither torch nor lm-eval until lm-eval asks."""
-    code = ("import sys; print('_telechat_lm_eval_hook' in sys.modules, 'torch' in sys.modules, "
-            "'lm_eval' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "False", "False"], "telechat-lm-eval.pth is not installed (reinstall the package)"
-    code = ("from lm_eval.api.registry import get_model; cls = get_model('telechat'); "
-            "print(cls.__module__, cls.__name__, get_model('hf').__name__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["telechat.eval.lm_eval_adapter", "TeleChatLM", "HFLM"]
+def run_python(code: str) -> list[str]:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.split()
+
+
+def test_no_startup_hook():
+    """Installing the package runs no code in other interpreters: no telechat module is loaded at start
+    and no `.pth` of ours sits in site-packages; lm-eval alone does not know "telechat"."""
+    code = ("import sys; print(sorted(m for m in sys.modules if 'telechat' in m and '__editable__' not in m) "
+            "or 'none', 'torch' in sys.modules, 'lm_eval' in sys.modules)")
+    assert run_python(code) == ["none", "False", "False"]
+    code = ("import site, glob, os; print([p for d in site.getsitepackages() + [site.getusersitepackages()] "
+            "for p in glob.glob(os.path.join(d, '*.pth')) if 'telechat' in open(p).read() and "
+            "'__editable__' not in p] or 'none')")
+    assert run_python(code) == ["none"]
+
+
+def test_explicit_registration():
+    """Importing the adapter registers the model with lm-eval (what `telechat-lm-eval` and
+    `python -m telechat.eval.lm_eval_adapter` do before handing over to lm-eval's command line)."""
+    code = ("from lm_eval.api.registry import get_model\n"
+            "try:\n    get_model('telechat'); print('known')\nexcept ValueError:\n    print('unknown')\n"
+            "import telechat.eval.lm_eval_adapter\n"
+            "cls = get_model('telechat'); print(cls.__module__, cls.__name__, get_model('hf').__name__)")
+    assert run_python(code) == ["unknown", "telechat.eval.lm_eval_adapter", "TeleChatLM", "HFLM"]

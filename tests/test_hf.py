@@ -1,4 +1,5 @@
-"""transformers interop: saved folders load through the Auto classes (remote code and native registration)."""
+"""transformers interop: saved folders load through the Auto classes (remote code, and native registration
+when asked for: `import telechat` itself registers nothing)."""
 import json
 import subprocess
 import sys
@@ -53,9 +54,13 @@ def test_saved_folder_loads_with_trust_remote_code(tmp_path, kind, sp_model, hf_
     assert torch.allclose(out["logits"], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_classes_resolve_telechat_after_import(tmp_path, sp_model):
+def test_auto_classes_resolve_telechat_when_registered(tmp_path, sp_model):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from telechat.hf import register_auto_classes
+
+    register_auto_classes()
+    register_auto_classes()  # twice is harmless
     llm, folder = _saved(tmp_path, telechat.load_tokenizer(sp_model), vocab_size=512)
     config = AutoConfig.from_pretrained(folder)  # no trust_remote_code: registered natively
     assert type(config).__module__ == "telechat.hf_remote.configuration_telechat"
@@ -69,13 +74,33 @@ def test_auto_classes_resolve_telechat_after_import(tmp_path, sp_model):
     assert torch.equal(out, llm.generate(ids[:1, :6], max_new_tokens=6, eos_token_id=-1, repetition_penalty=1.0))
 
 
-@pytest.mark.parametrize("before", [
-    "assert 'transformers' not in sys.modules",  # transformers imported after telechat
-    "importlib.util.find_spec('transformers')",  # an availability probe must not undo the hook
+def run_python(code: str) -> list[str]:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.split()
+
+
+REGISTERED = ("from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+              "print('telechat' in CONFIG_MAPPING)")
+
+
+def test_import_telechat_has_no_side_effects():
+    """`import telechat` adds no import hook and loads neither transformers nor lm-eval; saving a model
+    (which writes the remote code) registers nothing either."""
+    code = ("import sys\nhooks = list(sys.meta_path), list(sys.path_hooks)\nimport telechat\n"
+            "print(hooks == (sys.meta_path, sys.path_hooks), 'transformers' in sys.modules, 'lm_eval' in sys.modules)\n"
+            "import tempfile\ntelechat.from_preset('tiny', seed=0).save(tempfile.mkdtemp())\n"
+            "print(hooks == (sys.meta_path, sys.path_hooks), 'transformers' in sys.modules)\n"
+            "import transformers\n" + REGISTERED)
+    assert run_python(code) == ["True", "False", "False", "True", "False", "False"]
+
+
+@pytest.mark.parametrize("how", [
+    "import telechat.hf_remote",
+    "from telechat.hf import register_auto_classes; register_auto_classes()",
+    # lazily: registers once transformers is imported, without importing it now
+    "from telechat.hf import install_auto_registration; install_auto_registration()\n"
+    "assert 'transformers' not in sys.modules\nimportlib.util.find_spec('transformers')",
 ])
-def test_auto_registration_when_transformers_is_imported_later(before):
-    code = (f"import importlib.util, sys, telechat\n{before}\nimport transformers\n"
-            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
-            "print('telechat' in CONFIG_MAPPING)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "True", r.stderr[-2000:]
+def test_explicit_auto_registration(how):
+    assert run_python(f"import importlib.util, sys, telechat\n{how}\nimport transformers\n{REGISTERED}") == ["True"]

@@ -1,4 +1,8 @@
-"""telechat: TeleChat models in PyTorch: load official checkpoints, chat, generate, save."""
+"""telechat: TeleChat models in PyTorch: load official checkpoints, chat, generate, save.
+
+Importing it has no side effects on other libraries: transformers' Auto classes learn "telechat"
+through `telechat.hf.register_auto_classes()` (or `import telechat.hf_remote`), lm-eval's model
+registry through `import telechat.eval.lm_eval_adapter`."""
 from .chat import build_chat_ids
 from .checkpoint import CheckpointError
 from .config import ConfigError, TeleChatConfig, preset
@@ -9,7 +13,3 @@ from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 __all__ = ["LLM", "load", "from_preset", "load_tokenizer", "build_chat_ids", "Tokenizer", "TeleChat",
            "TeleChatConfig", "preset", "CheckpointError", "ConfigError", "TokenizerError"]
 __version__ = "0.1.0"
-
-from .hf import install_auto_registration as _install_auto_registration  # noqa: E402
-
-_install_auto_registration()

@@ -3,6 +3,10 @@
 TeleChat at lengths where NTK scaling is off (alpha 1, mscale 1) is LLaMA math with biases on
 `dense` and `down_proj`, so a Llama model with attention/MLP biases (zero where TeleChat has
 none) computes the same function. Used by the parity test and the benchmarks.
+
+Also the transformers Auto classes: `write_remote_code` (saved folders load with trust_remote_code)
+and, on request only, `register_auto_classes` (model_type "telechat" without remote code). Importing
+this module registers nothing: `LLM.save` and the converters import it.
 """
 from __future__ import annotations
 
@@ -129,22 +133,17 @@ def write_remote_code(folder: str | Path) -> None:
 
 
 def register_auto_classes() -> None:
-    """Make transformers' AutoConfig / AutoModelForCausalLM resolve model_type "telechat" natively."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Make transformers' AutoConfig / AutoModelForCausalLM resolve model_type "telechat" natively
+    (folders then load without trust_remote_code). Imports transformers; `import telechat` never calls
+    this, `import telechat.hf_remote` does."""
+    from .hf_remote import register
 
-    from .hf_remote.configuration_telechat import TelechatConfig
-    from .hf_remote.modeling_telechat import TelechatForCausalLM
-
-    try:
-        AutoConfig.register("telechat", TelechatConfig)
-        AutoModelForCausalLM.register(TelechatConfig, TelechatForCausalLM)
-    except ValueError:  # already registered (telechat imported twice, or transformers knows it)
-        pass
+    register()
 
 
 class _RegisterWhenImported(importlib.abc.MetaPathFinder):
-    """Registers the Auto classes right after `transformers` is first imported, so that importing
-    telechat does not pay for importing transformers. Probes with find_spec leave it in place."""
+    """Registers the Auto classes right after `transformers` is first imported (for
+    `install_auto_registration`). Probes with find_spec leave it in place."""
 
     def __init__(self):
         self.busy = False
@@ -175,6 +174,9 @@ class _RegisterWhenImported(importlib.abc.MetaPathFinder):
 
 
 def install_auto_registration() -> None:
+    """`register_auto_classes` now if transformers is loaded, else (through an import hook, removed once
+    it has run) when it is first imported, so the caller does not pay for importing it. Only on request:
+    nothing in telechat calls it."""
     if "transformers" in sys.modules:
         try:
             register_auto_classes()

@@ -1,15 +1,16 @@
 """lm-evaluation-harness model "telechat" (needs `pip install lm-eval`).
 
-Installed with the package, `lm_eval --model telechat --model_args pretrained=PATH --tasks ...` finds
-this class through `_telechat_lm_eval_hook` (lm-eval has no plugin discovery for models). Without the
-hook, importing this module registers the class:
+lm-eval has no plugin discovery for models, and installing telechat runs no code in other
+interpreters, so the model is registered explicitly: importing this module registers it. From
+the shell, lm-eval's own command line with the model registered:
 
-    import telechat.eval.lm_eval_adapter  # noqa: F401
-    lm_eval.simple_evaluate(model="telechat", model_args="pretrained=PATH", tasks=[...])
-
-or from the shell, lm-eval's own command line with the model registered:
-
+    telechat-lm-eval --model telechat --model_args pretrained=PATH --tasks ...
     python -m telechat.eval.lm_eval_adapter --model telechat --model_args pretrained=PATH --tasks ...
+
+(a bare `lm_eval --model telechat` does not know it). From Python:
+
+    import telechat.eval.lm_eval_adapter  # noqa: F401  (registers "telechat")
+    lm_eval.simple_evaluate(model="telechat", model_args="pretrained=PATH", tasks=[...])
 
 Log-likelihoods go through the harness's `LoglikEngine` (batched, shared prefixes computed once),
 generation through the project's decoding loop.
