@@ -28,7 +28,7 @@ PY
 telechat data prepare --mode pretrain --input "$RUN/corpus.jsonl" --tokenizer "$RUN/tokenizer" \
     --max-seq-len 256 --val-fraction 0.005 --num-workers 2 --output "$RUN/pt-data"
 telechat train --stage pretrain --data "$RUN/pt-data" --preset 30M --output "$RUN/pt" --max-steps "$STEPS_PT" \
-    --per-device-batch-size "$BATCH" --learning-rate 1e-3 --warmup-proportion 0.05 --eval-steps 40 --save-steps 200 --no-progress
+    --per-device-batch-size "$BATCH" --learning-rate 1e-3 --warmup-proportion 0.05 --eval-steps 40 --save-steps 200 --no-progress --overwrite
 
 # 3. SFT on TeleChat's own dialogue examples.
 cat > "$RUN/data.json" <<JSON
@@ -38,7 +38,7 @@ JSON
 telechat data prepare --data-json "$RUN/data.json" --tokenizer "$RUN/tokenizer" --max-seq-len 256 \
     --num-workers 2 --output "$RUN/sft-data"
 telechat train --stage sft --data "$RUN/sft-data" --model "$RUN/pt/$(cat "$RUN/pt/latest")" \
-    --output "$RUN/sft" --max-steps "$STEPS_SFT" --per-device-batch-size "$BATCH" --learning-rate 5e-4 --eval-steps 20 --no-progress
+    --output "$RUN/sft" --max-steps "$STEPS_SFT" --per-device-batch-size "$BATCH" --learning-rate 5e-4 --eval-steps 20 --no-progress --overwrite
 
 # 4. Chat.
 for q in "你好" "北京是中国的首都吗？" "What is machine learning?"; do

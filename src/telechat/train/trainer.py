@@ -417,12 +417,12 @@ def _add_lora(llm: LLM, cfg: TrainConfig):
                              "--lora-dim R (QLoRA: LoRA beside the frozen quantized layers) or train the float model")
         return None
     from ..default_model import resolve_model
-    from ..lora import add_lora, trainable_summary
+    from ..lora import add_lora, lora_layers, trainable_summary
 
     base = str(Path(resolve_model(cfg.model)).resolve()) if cfg.model is not None and not saves_base(cfg) else None
     adapter = add_lora(llm.model, cfg.lora_dim, cfg.lora_scaling, cfg.lora_module_name, cfg.only_optimize_lora,
                        base)
-    notice(f"LoRA r={cfg.lora_dim} on {len(adapter.target_modules)} layers: {trainable_summary(llm.model)}")
+    notice(f"LoRA r={cfg.lora_dim} on {len(lora_layers(llm.model))} layers: {trainable_summary(llm.model)}")
     return adapter
 
 
@@ -430,6 +430,7 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # LoRA alone has no 1-D weights; DeepSpeed drops empty groups
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-5)
 
 
