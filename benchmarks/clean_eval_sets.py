@@ -192,6 +192,9 @@ def nltk_en(shared: Path):
                 raw = zf.read(m).decode("utf-8", errors="replace")
                 if name == "brown":  # word/tag pairs
                     raw = re.sub(r"(\S+)/[^\s/]+(?=\s|$)", r"\1", raw, flags=re.M)
+                if name in ("brown", "movie_reviews"):  # tokenized text: spaces around punctuation undone
+                    raw = re.sub(r" ([,.;:!?)%]|'s|n't|'re|'ve|'ll|'d|'m)(?=\s|$)", r"\1", raw, flags=re.M)
+                    raw = raw.replace("``", '"').replace("''", '"').replace("( ", "(")
                 for doc in text_member(m, raw):
                     yield kind, f"nltk/{name}", doc
     z = base / "genesis.zip"
