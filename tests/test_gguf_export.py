@@ -157,6 +157,7 @@ def test_byte_level_bpe_checkpoint_matches_llama_cpp(tmp_path, hf_tokenizer_json
     assert res["meta"]["tokenizer.ggml.pre"] == "gpt-2"
 
 
+@pytest.mark.slow
 def test_official_tokenizer_matches_llama_cpp(tmp_path):
     """TeleChat's published 12B SentencePiece tokenizer: llama.cpp tokenizes Chinese text as it does."""
     sp = shared_path("telechat-official", "12B", "tokenizer.model")
