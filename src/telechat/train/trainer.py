@@ -604,7 +604,8 @@ def check_finite_weights(folder: Path) -> None:
 # DeepSpeed's own classes in its checkpoint files: plain records, rebuilt from their attributes.
 DEEPSPEED_CHECKPOINT_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                                 "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-                                "deepspeed.runtime.zero.config.ZeroStageEnum")
+                                "deepspeed.runtime.zero.config.ZeroStageEnum",
+                                "deepspeed.utils.tensor_fragment.fragment_address")  # ZeRO 1/2 with frozen params
 
 
 def check_deepspeed_files(folder: Path) -> None:
