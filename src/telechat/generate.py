@@ -7,7 +7,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .model import TeleChat, rope_cos_sin
+from .model import TeleChat
+from .rope import rope_cos_sin
 
 
 # Answers stop here when neither the caller nor generation_config.json sets max_new_tokens: a model

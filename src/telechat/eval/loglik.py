@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model import TeleChat, rope_cos_sin
+from ..model import TeleChat
+from ..rope import rope_cos_sin
 
 
 @dataclass

@@ -21,7 +21,8 @@ from ..checkpoint import (CheckpointError, _skip_init, check_folder_files, check
                           lazy_tensors, parse_dtype)
 from ..config import ConfigError, TeleChatConfig
 from ..default_model import resolve_model
-from ..model import Block, RMSNorm, TeleChat, rope_cos_sin
+from ..model import Block, RMSNorm, TeleChat
+from ..rope import rope_cos_sin
 from .calib import calibration_samples
 from .format import MODULE_ORDER, QUANTIZED_MODULES, QuantConfig, QuantError, read_quant_config
 from .gptq import HessianCollector, gptq, rtn

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from ..generate import SamplingParams, next_token, process_logits
-from ..model import TeleChat, rope_cos_sin
+from ..model import TeleChat
+from ..rope import rope_cos_sin
 
 
 _MODEL_LOCKS: "weakref.WeakKeyDictionary[TeleChat, threading.Lock]" = weakref.WeakKeyDictionary()
