@@ -355,17 +355,17 @@ def test_large_max_new_tokens_does_not_cut_the_question(tiny):
     ids = tiny.encode_chat(question)
     assert len(ids) <= tiny.config.seq_length // 2  # fits once half the context is left for the answer
     seen = {}
-    import telechat.chat as chat_mod
+    from telechat.engine import Engine
 
-    real = chat_mod.generate_tokens
+    real = Engine.iter_tokens
 
-    def spy(model, input_ids, params, **kw):
-        seen["prompt"] = input_ids[0].tolist()
-        return real(model, input_ids, params, **kw)
+    def spy(self, prompts, params, *a, **kw):
+        seen["prompt"] = list(prompts[0])
+        return real(self, prompts, params, *a, **kw)
 
-    chat_mod.generate_tokens = spy
+    Engine.iter_tokens = spy
     try:
         tiny.chat(question, max_new_tokens=tiny.config.seq_length, eos_token_id=-1)
     finally:
-        chat_mod.generate_tokens = real
+        Engine.iter_tokens = real
     assert seen["prompt"] == ids

@@ -17,6 +17,7 @@ import torch
 
 import telechat
 import telechat.chat as chat_mod
+from telechat.engine import Engine
 from telechat.cli import COMMANDS, build_parser, main
 from telechat.generate import DEFAULT_MAX_NEW_TOKENS, default_max_new_tokens
 
@@ -56,11 +57,11 @@ def spy_generate(monkeypatch):
     """Records the SamplingParams chat() decodes with, and decodes nothing."""
     seen = []
 
-    def spy(model, input_ids, params, **kw):
-        seen.append(params)
+    def spy(self, prompts, params, *a, **kw):
+        seen.append(params[0])
         return iter(())
 
-    monkeypatch.setattr(chat_mod, "generate_tokens", spy)
+    monkeypatch.setattr(Engine, "iter_tokens", spy)
     return seen
 
 
@@ -468,16 +469,16 @@ def test_help_in_interactive_chat_is_not_sent(tiny_dir, monkeypatch, capsys):
 def test_default_model_chat_prompt_stops(default_llm):
     """The README's first prompt on the default model ends (at its end token or the 512 default)."""
     seen = []
-    real = chat_mod.generate_tokens
+    real = Engine.iter_tokens
 
-    def counting(model, input_ids, params, **kw):
-        seen.append(params.max_new_tokens)
-        return real(model, input_ids, params, **kw)
+    def counting(self, prompts, params, *a, **kw):
+        seen.append(params[0].max_new_tokens)
+        return real(self, prompts, params, *a, **kw)
 
-    chat_mod.generate_tokens = counting
+    Engine.iter_tokens = counting
     try:
         answer, _ = default_llm.chat("Hello! Who are you?")
     finally:
-        chat_mod.generate_tokens = real
+        Engine.iter_tokens = real
     assert seen == [512]
     assert answer.strip() and "\ufffd" not in answer

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import telechat
 from telechat.hf import merge_key_value, split_key_value
+from telechat.kv import DenseKV, PagedKV, causal_mask
 from telechat.model import RMSNorm, causal_lm_loss, rope_cos_sin
-
 
 
 @pytest.fixture(autouse=True)
@@ -121,20 +121,18 @@ def manual_forward(model: telechat.TeleChat, ids: torch.Tensor) -> torch.Tensor:
     return rms(h, sd["transformer.ln_f.weight"]) @ head.T
 
 
-def cached_logits(model, ids, chunks, max_len=None, attention_mask=None):
-    """Run `ids` through the KV cache in chunks of the given sizes; logits of every position."""
+def cached_logits(model, ids, chunks, max_len=None, attention_mask=None, kv=None):
+    """Run `ids` through a DenseKV (of the model's dtype unless `kv` is given) in chunks of the
+    given sizes; logits of every position."""
     B, N = ids.shape
     assert sum(chunks) == N
-    model.setup_cache(B, max_len or N)
-    try:
-        out, start = [], 0
-        for n in chunks:
-            pos = torch.arange(start, start + n)
-            out.append(model(ids[:, start:start + n], input_pos=pos, attention_mask=attention_mask))
-            start += n
-        return torch.cat(out, dim=1)
-    finally:
-        model.clear_cache()
+    kv = kv or DenseKV(model.config, B, max_len or N, model.dtype)
+    out, start = [], 0
+    for n in chunks:
+        pos = torch.arange(start, start + n)
+        out.append(model(ids[:, start:start + n], cache=kv.at(pos, attention_mask=attention_mask)))
+        start += n
+    return torch.cat(out, dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +175,11 @@ def test_key_value_rows_are_interleaved_per_head():
     W = attn.key_value.weight.clone()
     v_rows = torch.cat([torch.arange(2 * h * d + d, 2 * h * d + 2 * d) for h in range(N)])
     attn.key_value.weight[v_rows] = 0
-    y = attn(x, cos, sin, None, None, 12)
+    y = attn(x, cos, sin)
     assert torch.allclose(y, attn.dense.bias.expand_as(y), atol=1e-6)
     attn.key_value.weight.copy_(W)
     attn.key_value.weight[c.hidden_size:] = 0
-    y = attn(x, cos, sin, None, None, 12)
+    y = attn(x, cos, sin)
     assert not torch.allclose(y, attn.dense.bias.expand_as(y), atol=1e-3)
 
 
@@ -295,34 +293,53 @@ def test_last_only(tiny):
     last = tiny.model(ids, last_only=True)
     assert last.shape == (3, 1, 512)
     assert torch.allclose(last, full[:, -1:], atol=1e-6)
-    tiny.model.setup_cache(3, 20)
-    tiny.model(ids[:, :10], input_pos=torch.arange(10))
-    last = tiny.model(ids[:, 10:], input_pos=torch.arange(10, 17), last_only=True)
+    kv = DenseKV(tiny.config, 3, 20, tiny.model.dtype)
+    tiny.model(ids[:, :10], cache=kv.at(torch.arange(10)))
+    last = tiny.model(ids[:, 10:], cache=kv.at(torch.arange(10, 17)), last_only=True)
     assert last.shape == (3, 1, 512)
     assert rel_err(last, full[:, -1:]) < 1e-5
 
 
-def test_cache_is_preallocated_during_generate(tiny):
-    ids = random_ids(512, 2, 6, seed=8)
+def _state_outside_parameters(model):
+    """(module name, attribute) of every tensor or KV cache a module holds that is not one of its
+    registered parameters/buffers, and the attribute names of every module."""
+    found, names = [], {}
+    for name, mod in model.named_modules():
+        names[name] = sorted(vars(mod))
+        for attr, val in vars(mod).items():
+            vals = val if isinstance(val, (list, tuple)) else val.values() if isinstance(val, dict) else [val]
+            if attr in ("_parameters", "_buffers"):
+                continue
+            if any(isinstance(x, (torch.Tensor, DenseKV, PagedKV)) or hasattr(x, "attend") for x in vals):
+                found.append((name, attr))
+    return found, names
+
+
+def test_model_holds_no_cache_state_after_generate(tiny):
+    # The model keeps no KV cache: after generating (through the engine's paged cache) no module
+    # holds a tensor or cache outside its parameters/buffers, and no attribute was added. The greedy
+    # tokens equal those of repeated uncached forwards, so the cache did its job outside the model.
     model = tiny.model
-    ptrs = []
-    for tok in tiny.stream(ids, max_new_tokens=12, eos_token_id=-1):
-        assert tok.shape == (2,)
-        ptrs.append([(b.self_attention.cache.k.data_ptr(), b.self_attention.cache.v.data_ptr())
-                     for b in model.transformer.h])
-    assert len(ptrs) == 12
-    assert all(p == ptrs[0] for p in ptrs)
-    cache = model.transformer.h[0].self_attention.cache
-    assert cache.k.shape[0] == 2 and cache.k.shape[1] == tiny.config.n_kv_head
-    assert cache.k.shape[2] >= 6 + 12 and cache.k.shape[3] == tiny.config.head_dim
-    assert cache.k[:, :, :17].abs().amin(dim=(0, 1, 3)).gt(0).all()  # positions 0..16 were written
+    found, names = _state_outside_parameters(model)
+    assert found == []
+    params = {n: p.data_ptr() for n, p in model.named_parameters()}
+    ids = random_ids(512, 2, 6, seed=8)
+    steps = list(tiny.stream(ids, max_new_tokens=12, eos_token_id=-1, do_sample=False, repetition_penalty=1.0))
+    assert len(steps) == 12 and all(t.shape == (2,) for t in steps)
+    after, names_after = _state_outside_parameters(model)
+    assert after == [] and names_after == names
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == params
+    seq = ids
+    for _ in range(12):  # uncached greedy reference
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(torch.stack(steps, 1), seq[:, 6:])
 
 
 def test_kv_cache_holds_rotated_keys(tiny):
     m = tiny.model
     ids = random_ids(512, 1, 9, seed=9)
-    m.setup_cache(1, 16)
-    m(ids, input_pos=torch.arange(9))
+    kv = DenseKV(m.config, 1, 16, m.dtype)
+    m(ids, cache=kv.at(torch.arange(9)))
     attn = m.transformer.h[0].self_attention
     x = m.transformer.h[0].input_layernorm(m.transformer.word_embeddings(ids))[0].double()
     c = m.config
@@ -333,9 +350,9 @@ def test_kv_cache_holds_rotated_keys(tiny):
         k = x @ W[2 * h * d:2 * h * d + d].T
         k = k * cos + torch.cat([-k[:, d // 2:], k[:, :d // 2]], -1) * sin
         v = x @ W[2 * h * d + d:2 * h * d + 2 * d].T
-        assert torch.allclose(attn.cache.k[0, h, :9].double(), k, atol=1e-5)
-        assert torch.allclose(attn.cache.v[0, h, :9].double(), v, atol=1e-5)
-    assert attn.cache.k[:, :, 9:].abs().sum() == 0
+        assert torch.allclose(kv.k[0][0, h, :9].double(), k, atol=1e-5)
+        assert torch.allclose(kv.v[0][0, h, :9].double(), v, atol=1e-5)
+    assert kv.k[0][:, :, 9:].abs().sum() == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,11 +371,11 @@ def test_gqa_shapes_and_cache(gqa):
     assert attn.query.weight.shape == (c.hidden_size, c.hidden_size)
     ids = random_ids(c.vocab_size, 2, 24, seed=11)
     ref = gqa.model(ids)
-    out = cached_logits(gqa.model, ids, [10, 1, 1, 1, 4, 7])
+    kv = DenseKV(c, 2, 24, gqa.model.dtype)
+    assert len(kv.k) == len(kv.v) == c.n_layer and kv.shape == (2, 24)
+    assert all(t.shape == (2, 2, 24, c.head_dim) for t in (*kv.k, *kv.v))
+    out = cached_logits(gqa.model, ids, [10, 1, 1, 1, 4, 7], kv=kv)
     assert rel_err(out, ref) < 1e-5
-    gqa.model.setup_cache(2, 24)
-    assert gqa.model.transformer.h[0].self_attention.cache.k.shape == (2, 2, 24, c.head_dim)
-    gqa.model.clear_cache()
 
 
 def test_gqa_equals_full_head_model_with_repeated_kv_heads(gqa):
@@ -429,9 +446,9 @@ def test_dtypes_forward_and_cached_decode(dtype, tol):
     assert rel_err(out, ref) < tol
     chunks = [12] + [1] * 20 + [4, 4]  # crosses training_seqlen
     ref_c = cached_logits(ref_llm.model, ids, chunks)
-    llm.model.setup_cache(2, 40)
-    assert llm.model.transformer.h[0].self_attention.cache.k.dtype == dtype
-    out_c = cached_logits(llm.model, ids, chunks)
+    kv = DenseKV(llm.config, 2, 40, llm.model.dtype)
+    assert llm.model.dtype == dtype and kv.k[0].dtype == dtype
+    out_c = cached_logits(llm.model, ids, chunks, kv=kv)
     assert out_c.dtype == dtype and torch.isfinite(out_c).all()
     assert rel_err(out_c, ref_c) < tol
     gen = llm.generate(ids[:, :10], max_new_tokens=5, eos_token_id=-1)
@@ -529,13 +546,12 @@ def test_left_padding_uncached_and_cached(sharp):
     assert rel_err(out[1], ref_other[0]) < 1e-5
 
     # the padded prompt through the cache, then the continuation one token at a time and as a chunk
-    m.setup_cache(2, total)
-    outs = [m(ids[:, :pad + L], input_pos=torch.arange(pad + L), attention_mask=mask)]
+    kv = DenseKV(m.config, 2, total, m.dtype)
+    outs = [m(ids[:, :pad + L], cache=kv.at(torch.arange(pad + L), attention_mask=mask))]
     for p in range(pad + L, total - 3):
-        outs.append(m(ids[:, p:p + 1], input_pos=torch.tensor([p]), attention_mask=mask))
-    outs.append(m(ids[:, total - 3:], input_pos=torch.arange(total - 3, total), attention_mask=mask))
+        outs.append(m(ids[:, p:p + 1], cache=kv.at(torch.tensor([p]), attention_mask=mask)))
+    outs.append(m(ids[:, total - 3:], cache=kv.at(torch.arange(total - 3, total), attention_mask=mask)))
     cached = torch.cat(outs, 1)
-    m.clear_cache()
     assert torch.isfinite(cached).all()
     assert rel_err(cached[0, pad:], ref_seq[0]) < 1e-5
     assert rel_err(cached[1], ref_other[0]) < 1e-5
@@ -589,25 +605,23 @@ def test_per_row_positions_equal_single_sequence_decoding(sharp512, T):
 
     single = []
     for s, L in zip(seqs, lens):
-        m.setup_cache(1, 96)
-        m(s[:, :L], input_pos=torch.arange(L))
-        single.append(torch.cat([m(s[:, p:p + T], input_pos=torch.arange(p, p + T))
+        kv1 = DenseKV(c, 1, 96, m.dtype)
+        m(s[:, :L], cache=kv1.at(torch.arange(L)))
+        single.append(torch.cat([m(s[:, p:p + T], cache=kv1.at(torch.arange(p, p + T)))
                                  for p in range(L, L + steps * T, T)], 1)[0])
 
     B = len(lens)
-    m.setup_cache(B + 1, 96)  # one row more than the batch: decoding touches rows 0..B-1 only
+    kv = DenseKV(c, B + 1, 96, m.dtype)  # one row more than the batch: decoding touches rows 0..B-1 only
     for i, (s, L) in enumerate(zip(seqs, lens)):
-        with m.cache_rows(i, i + 1):
-            m(s[:, :L], input_pos=torch.arange(L))
-    spare = [b.self_attention.cache.k[B].clone() for b in m.transformer.h]
+        m(s[:, :L], cache=kv.at(torch.arange(L), rows=slice(i, i + 1)))
+    spare = [(k[B].clone(), v[B].clone()) for k, v in zip(kv.k, kv.v)]
     outs = []
     for k in range(steps):
         pos = torch.stack([torch.arange(L + k * T, L + (k + 1) * T) for L in lens])  # [B, T]
         ids = torch.cat([s[:, L + k * T:L + (k + 1) * T] for s, L in zip(seqs, lens)])
-        outs.append(m(ids, input_pos=pos))
+        outs.append(m(ids, cache=kv.at(pos)))
     batch = torch.cat(outs, 1)
-    assert all(torch.equal(b.self_attention.cache.k[B], k) for b, k in zip(m.transformer.h, spare))
-    m.clear_cache()
+    assert all(torch.equal(k[B], k0) and torch.equal(v[B], v0) for k, v, (k0, v0) in zip(kv.k, kv.v, spare))
     for i in range(B):
         assert torch.allclose(batch[i], single[i], atol=1e-5, rtol=1e-5), (i, (batch[i] - single[i]).abs().max())
 
@@ -617,15 +631,13 @@ def test_per_row_positions_with_one_shared_rope_would_differ(sharp512):
     m, c = sharp512.model, sharp512.config
     lens = [20, 70]
     seqs = [random_ids(512, 1, L + 1, seed=40 + i) for i, L in enumerate(lens)]
-    m.setup_cache(2, 96)
+    kv = DenseKV(c, 2, 96, m.dtype)
     for i, (s, L) in enumerate(zip(seqs, lens)):
-        with m.cache_rows(i, i + 1):
-            m(s[:, :L], input_pos=torch.arange(L))
+        m(s[:, :L], cache=kv.at(torch.arange(L), rows=slice(i, i + 1)))
     pos = torch.tensor([[L] for L in lens])
     ids = torch.cat([s[:, L:] for s, L in zip(seqs, lens)])
-    right = m(ids, input_pos=pos)
-    wrong = m(ids, input_pos=pos, rope=rope_cos_sin(c, pos, max(lens) + 1))
-    m.clear_cache()
+    right = m(ids, cache=kv.at(pos))
+    wrong = m(ids, cache=kv.at(pos), rope=rope_cos_sin(c, pos, max(lens) + 1))
     assert torch.allclose(right[1], wrong[1], atol=1e-6)  # the longest row is unaffected
     assert (right[0] - wrong[0]).abs().max() > 1e-3
 
@@ -644,117 +656,126 @@ def test_rope_cos_sin_per_row_lengths_equal_stacked_single_calls():
     assert torch.equal(cos_shared[-1], cos[-1]) and not torch.allclose(cos_shared[0], cos[0])
 
 
-def test_build_mask_with_per_row_positions_is_causal_per_row():
-    from telechat.model import build_mask
-
+def test_causal_mask_with_per_row_positions_is_causal_per_row():
     pos = torch.tensor([[3, 4], [7, 8], [0, 1]])
-    mask = build_mask(pos, 9, None)
+    mask = causal_mask(pos, 9, None)
     assert mask.shape == (3, 1, 2, 9) and mask.dtype == torch.bool
     for b in range(3):
         for t in range(2):
             assert mask[b, 0, t].tolist() == [k <= int(pos[b, t]) for k in range(9)]
     # one token per row (a decode step): each row sees exactly its own prefix
-    step = build_mask(torch.tensor([[2], [6], [0]]), 7, None)
+    step = causal_mask(torch.tensor([[2], [6], [0]]), 7, None)
     assert step.shape == (3, 1, 1, 7)
     assert step[:, 0, 0].sum(-1).tolist() == [3, 7, 1]
     # with a key mask: padding hidden, a key always sees itself
     am = torch.ones(3, 9, dtype=torch.long)
     am[0, :2] = 0
     am[1, 8] = 0
-    masked = build_mask(pos, 9, am)
+    masked = causal_mask(pos, 9, am)
     assert masked.shape == (3, 1, 2, 9)
     assert masked[0, 0, 0].tolist() == [False, False, True, True] + [False] * 5
     assert masked[1, 0, 1].tolist() == [True] * 9  # key 8 is padding but is the query itself
     assert masked[1, 0, 0].tolist() == [True] * 8 + [False]
     assert torch.equal(masked[2], mask[2])
     # 1-D positions: plain causal attention needs no mask
-    assert build_mask(torch.tensor([5]), 6, None) is None
-    assert build_mask(torch.arange(6), 6, None) is None
+    assert causal_mask(torch.tensor([5]), 6, None) is None
+    assert causal_mask(torch.arange(6), 6, None) is None
 
 
-def test_cache_rows_prefill_writes_only_its_row_and_restores(sharp512):
+def test_dense_rows_prefill_writes_only_its_rows(sharp512):
+    # A step over rows=slice(2, 3) writes the prompt's keys/values into row 2 only, in place, and its
+    # logits are those of the uncached forward; copy_rows then gives other rows that prefix.
     m = sharp512.model
-    blocks = m.transformer.h
-    m.setup_cache(4, 16)
+    kv = DenseKV(m.config, 4, 16, m.dtype)
     g = torch.Generator().manual_seed(5)
-    for b in blocks:  # sentinel contents, so any stray write shows
-        b.self_attention.cache.k.copy_(torch.randn(b.self_attention.cache.k.shape, generator=g))
-        b.self_attention.cache.v.copy_(torch.randn(b.self_attention.cache.v.shape, generator=g))
-    caches = [b.self_attention.cache for b in blocks]
-    before = [(c.k.clone(), c.v.clone()) for c in caches]
-    ids = random_ids(512, 1, 9, seed=50)
-    with m.cache_rows(2, 3) as mm:
-        assert mm is m and m.cache_shape == (1, 16)
-        out = m(ids, input_pos=torch.arange(9))
-    assert [b.self_attention.cache for b in blocks] == caches and m.cache_shape == (4, 16)
-    assert rel_err(out, m(ids)) < 1e-5
+    for t in (*kv.k, *kv.v):  # sentinel contents, so any stray write shows
+        t.copy_(torch.randn(t.shape, generator=g))
+    tensors = [*kv.k, *kv.v]
+    before = [t.clone() for t in tensors]
+    ids = random_ids(512, 1, 10, seed=50)
+    out = m(ids[:, :9], cache=kv.at(torch.arange(9), rows=slice(2, 3)))
+    assert kv.shape == (4, 16) and all(a is b for a, b in zip([*kv.k, *kv.v], tensors))
+    assert rel_err(out, m(ids[:, :9])) < 1e-5
 
-    m.setup_cache(1, 16)  # the same prefill alone, for the expected row contents
-    m(ids, input_pos=torch.arange(9))
-    alone = [(b.self_attention.cache.k, b.self_attention.cache.v) for b in blocks]
-    for c, (k0, v0), (ka, va) in zip(caches, before, alone):
-        for new, old, ref in ((c.k, k0, ka), (c.v, v0, va)):
-            assert torch.equal(new[[0, 1, 3]], old[[0, 1, 3]])  # other rows untouched
-            assert torch.equal(new[2, :, 9:], old[2, :, 9:])  # row 2 past the prompt untouched
-            assert torch.allclose(new[2, :, :9], ref[0, :, :9], atol=1e-6)
-            assert not torch.allclose(new[2, :, :9], old[2, :, :9])
+    alone = DenseKV(m.config, 1, 16, m.dtype)  # the same prefill alone, for the expected row contents
+    m(ids[:, :9], cache=alone.at(torch.arange(9)))
+    for new, old, ref in zip(tensors, before, [*alone.k, *alone.v]):
+        assert torch.equal(new[[0, 1, 3]], old[[0, 1, 3]])  # other rows untouched
+        assert torch.equal(new[2, :, 9:], old[2, :, 9:])  # row 2 past the prompt untouched
+        assert torch.allclose(new[2, :, :9], ref[0, :, :9], atol=1e-6)
+        assert not torch.allclose(new[2, :, :9], old[2, :, :9])
 
-    # restored even when the forward raises inside the block
-    for b, c in zip(blocks, caches):
-        b.self_attention.cache = c
-    snapshot = [c.k.clone() for c in caches]
-    with pytest.raises(IndexError):
-        with m.cache_rows(1, 2):
-            m(torch.tensor([[1, 2, 10_000]]), input_pos=torch.arange(3))  # id past the vocabulary
-    assert [b.self_attention.cache for b in blocks] == caches and m.cache_shape == (4, 16)
-    assert all(torch.equal(c.k, k) for c, k in zip(caches, snapshot))
-    m.clear_cache()
+    # rows 0..1 get row 2's prefix; the next token decoded on them (rows 2..3 untouched) is exact
+    row3 = [t[3].clone() for t in tensors]
+    kv.copy_rows(2, slice(0, 2), 9)
+    for t in tensors:
+        assert torch.equal(t[0, :, :9], t[2, :, :9]) and torch.equal(t[1, :, :9], t[2, :, :9])
+    nxt = m(ids[:, 9:].expand(2, 1), cache=kv.at(torch.tensor([9]), rows=slice(0, 2)))
+    ref = m(ids)[:, -1]
+    assert rel_err(nxt[0], ref) < 1e-5 and rel_err(nxt[1], ref) < 1e-5
+    assert all(torch.equal(t[3], r) for t, r in zip(tensors, row3))
 
 
 def test_resize_cache_grows_and_keeps_contents(sharp512):
+    # DenseKV.resized: a copy with room for more positions that keeps the cached prefix; decoding
+    # into it goes on past the old size (through NTK-scaled positions) exactly.
     m = sharp512.model
     ids = random_ids(512, 2, 30, seed=51)
     full = m(ids)
-    m.setup_cache(2, 12)
-    prefill = m(ids[:, :10], input_pos=torch.arange(10))
-    old = [(b.self_attention.cache.k.clone(), b.self_attention.cache.v.clone()) for b in m.transformer.h]
-    m.resize_cache(32)
-    assert m.cache_shape == (2, 32)
-    for b, (k, v) in zip(m.transformer.h, old):
-        c = b.self_attention.cache
-        assert torch.equal(c.k[:, :, :12], k) and torch.equal(c.v[:, :, :12], v)
-        assert c.k[:, :, 12:].abs().sum() == 0 and c.v[:, :, 12:].abs().sum() == 0
-    # decoding goes on past the old size, through positions that need NTK scaling
-    steps = [m(ids[:, p:p + 1], input_pos=torch.tensor([p])) for p in range(10, 30)]
+    kv = DenseKV(m.config, 2, 12, m.dtype)
+    prefill = m(ids[:, :10], cache=kv.at(torch.arange(10)))
+    old = [(k.clone(), v.clone()) for k, v in zip(kv.k, kv.v)]
+    big = kv.resized(32)
+    assert big.shape == (2, 32) and kv.shape == (2, 12)
+    for k, v, (k0, v0) in zip(big.k, big.v, old):
+        assert torch.equal(k[:, :, :12], k0) and torch.equal(v[:, :, :12], v0)
+        assert k[:, :, 12:].abs().sum() == 0 and v[:, :, 12:].abs().sum() == 0
+    steps = [m(ids[:, p:p + 1], cache=big.at(torch.tensor([p]))) for p in range(10, 30)]
     cached = torch.cat([prefill, *steps], 1)
     assert rel_err(cached[:, :10], full[:, :10]) < 1e-5
     assert rel_err(cached[:, -1], m(ids[:, :30], rope=per_chunk_rope(sharp512.config, [10] + [1] * 20))[:, -1]) < 1e-5
-    # shrinking keeps the first positions; the copy does not share storage with the old cache
-    k_before = m.transformer.h[0].self_attention.cache.k.clone()
-    m.resize_cache(8)
-    assert m.cache_shape == (2, 8)
-    assert torch.equal(m.transformer.h[0].self_attention.cache.k, k_before[:, :, :8])
-    m.transformer.h[0].self_attention.cache.k.zero_()
-    assert k_before.abs().sum() > 0
-    m.clear_cache()
+    # the old cache did not see those writes (no shared storage)
+    assert all(torch.equal(k, k0) for k, (k0, _) in zip(kv.k, old))
+    # shrinking keeps the first positions; the copy does not share storage with the one it came from
+    k_before = big.k[0].clone()
+    small = big.resized(8)
+    assert small.shape == (2, 8)
+    assert torch.equal(small.k[0], k_before[:, :, :8])
+    small.k[0].zero_()
+    assert torch.equal(big.k[0], k_before) and k_before.abs().sum() > 0
 
 
 def test_kv_cache_update_with_per_row_positions():
-    from telechat.model import KVCache
+    # A DenseKV step with positions [B, 1] writes each row's key/value at its own position, scales
+    # each row's rotary tables for its own length and attends each row over its own prefix only.
+    from types import SimpleNamespace
 
-    cache = KVCache(3, 2, 8, 4, torch.float32, "cpu")
-    k = torch.randn(2, 2, 1, 4)
-    v = torch.randn(2, 2, 1, 4)
-    ks, vs = cache.update(torch.tensor([[5], [1]]), k, v)
-    assert ks.shape == (2, 2, 8, 4) and vs.shape == (2, 2, 8, 4)  # the rows of the batch only
-    assert torch.equal(cache.k[0, :, 5], k[0, :, 0]) and torch.equal(cache.v[1, :, 1], v[1, :, 0])
+    config = SimpleNamespace(n_layer=1, n_kv_head=2, head_dim=4)
+    g = torch.Generator().manual_seed(0)
+    kv = DenseKV(config, 3, 8, torch.float32)
+    for t in (kv.k[0], kv.v[0]):  # earlier contents, so attention over the prefix is non-trivial
+        t.copy_(torch.randn(t.shape, generator=g))
+    prev_k, prev_v = kv.k[0].clone(), kv.v[0].clone()
+    q = torch.randn(2, 4, 1, 4, generator=g)  # 4 query heads share 2 KV heads
+    k, v = torch.randn(2, 2, 1, 4, generator=g), torch.randn(2, 2, 1, 4, generator=g)
+    step = kv.at(torch.tensor([[5], [1]]))
+    assert step.rope_total == [6, 2] and step.kv_len == 6
+    y = step.attend(0, q, k, v)
+    assert y.shape == (2, 4, 1, 4)
+    assert torch.equal(kv.k[0][0, :, 5], k[0, :, 0]) and torch.equal(kv.v[0][1, :, 1], v[1, :, 0])
     written = torch.zeros(3, 8, dtype=torch.bool)
     written[0, 5] = written[1, 1] = True
-    assert (cache.k.abs().sum((1, 3)) > 0).eq(written).all()
-    # a view over rows 1:3 writes into the parent's storage
-    view = cache.rows(1, 3)
-    view.update(torch.tensor([7]), torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))
-    assert cache.k[1:, :, 7].eq(1).all() and cache.k[0, :, 7].eq(0).all()
+    assert ((kv.k[0] != prev_k).any(-1).any(1) == written).all()  # the rows of the batch, their positions only
+    assert ((kv.v[0] != prev_v).any(-1).any(1) == written).all()
+    for b, n in ((0, 6), (1, 2)):  # fp64 softmax attention over the row's first n positions
+        for h in range(4):
+            keys, vals = kv.k[0][b, h // 2, :n].double(), kv.v[0][b, h // 2, :n].double()
+            p = (q[b, h, 0].double() @ keys.T / 2.0).softmax(-1)
+            assert torch.allclose(y[b, h, 0].double(), p @ vals, atol=1e-6), (b, h)
+    # a step over rows 1:3 writes into the same tensors, rows 1..2 only
+    kv.at(torch.tensor([7]), rows=slice(1, 3)).attend(0, torch.ones(2, 4, 1, 4), torch.ones(2, 2, 1, 4),
+                                                      torch.ones(2, 2, 1, 4))
+    assert kv.k[0][1:, :, 7].eq(1).all() and torch.equal(kv.k[0][0, :, 7], prev_k[0, :, 7])
 
 
 def test_packed_segments_equal_each_dialogue_alone():

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import torch
 
-from .generate import default_max_new_tokens, generate_tokens, resolve_params
+from .engine import Engine
+from .generate import default_max_new_tokens, resolve_params
 from .tokenizer import StreamDecoder, Tokenizer
 
 _ROLES = {"user": "user", "bot": "bot", "assistant": "bot", "system": "system"}
@@ -148,11 +148,13 @@ def _check_generation_kwargs(kwargs: dict) -> None:
 
 
 def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] | None = None,
-                generation_config=None, compile: bool = False, **kwargs) -> Iterator[str]:
+                generation_config=None, compile: bool | None = None, engine: Engine | None = None,
+                **kwargs) -> Iterator[str]:
     """Yield text increments of the answer; the history list is extended when the stream ends.
 
     kwargs are sampling settings (max_new_tokens, do_sample, temperature, top_k, top_p,
     repetition_penalty, eos_token_id, seed); unset ones come from the generation config.
+    `engine`: the engine to run on (an LLM's own; default a new one for this model).
     """
     history_list = history if history is not None else []
     defaults = _gen_defaults(model, generation_config)
@@ -170,11 +172,13 @@ def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] 
         defaults.setdefault("eos_token_id", tokenizer.eos_id)
     _check_generation_kwargs(kwargs)
     params = resolve_params(defaults, model.config.vocab_size, max_new_tokens=int(max_new), **kwargs)
-    device = model.lm_head.weight.device
+    if engine is None:
+        engine = Engine(model)
+    if compile is not None:
+        engine.configure(compile=compile)
     decoder = StreamDecoder(tokenizer)
     stops = set(params.stop_ids)
-    for tok in generate_tokens(model, torch.tensor([ids], device=device), params, compile=compile):
-        t = int(tok[0])
+    for (t,) in engine.iter_tokens([ids], [params], max_len=len(ids) + params.max_new_tokens):
         if t in stops:
             break
         delta = decoder.push(t)
@@ -191,7 +195,7 @@ def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] 
 
 
 def chat(model, tokenizer: Tokenizer, question: str, history: list[dict] | None = None, generation_config=None,
-         stream: bool = False, **kwargs):
+         stream: bool = False, engine: Engine | None = None, **kwargs):
     """`(answer, history)`, or with `stream=True` an iterator of text increments.
 
     `history` is extended in place (a new list when None) with the question and the answer.
@@ -201,7 +205,7 @@ def chat(model, tokenizer: Tokenizer, question: str, history: list[dict] | None 
     if history is None:
         history = []
     _check_generation_kwargs(kwargs)  # now, not at the first next() of a stream
-    it = stream_chat(model, tokenizer, question, history, generation_config, **kwargs)
+    it = stream_chat(model, tokenizer, question, history, generation_config, engine=engine, **kwargs)
     if stream:
         return it
     answer = "".join(it)

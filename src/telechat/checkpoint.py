@@ -307,8 +307,12 @@ def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfi
         config_dtype = parse_dtype(config.torch_dtype)
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: torch_dtype: {e}") from None
-    dtype = parse_dtype(dtype) or config_dtype or _first_float_dtype(files)
     qcfg = _quant_config(path)
+    if isinstance(dtype, str) and dtype == "auto":  # this machine's best; a quantized model keeps its format
+        from .device import resolve_dtype
+
+        dtype = None if qcfg is not None else resolve_dtype("auto", torch.device(device))
+    dtype = parse_dtype(dtype) or config_dtype or _first_float_dtype(files)
     check_memory(config, dtype, device, path, bits=qcfg.bits if qcfg is not None else None)
     with torch.device("meta"), _skip_init():
         model = TeleChat(config)

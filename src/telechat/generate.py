@@ -1,14 +1,12 @@
-"""Autoregressive decoding with a preallocated KV cache: greedy and sampled, batched, streaming."""
+"""Sampling settings and the one sampler: per-row settings as tensors, a whole batch in one call.
+
+The decode loop itself is the engine's (telechat.engine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Iterator
-
 import torch
 from torch import Tensor
 
-from .model import TeleChat
-from .rope import rope_cos_sin
 
 
 # Answers stop here when neither the caller nor generation_config.json sets max_new_tokens: a model
@@ -85,135 +83,89 @@ def resolve_params(defaults: dict, vocab_size: int, **overrides) -> SamplingPara
     )
 
 
-def process_logits(logits: Tensor, tokens: Tensor, p: SamplingParams) -> Tensor:
-    """Repetition penalty (over `tokens`), then temperature / top-k / top-p when sampling. fp32 in and out."""
-    if p.repetition_penalty != 1.0:
-        scores = logits.gather(1, tokens)
-        scores = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
-        logits = logits.scatter(1, tokens, scores)
-    if not p.do_sample:
+@dataclass
+class RowSettings:
+    """Per-row sampling settings as tensors [R] (one row per sequence being sampled)."""
+    sample: Tensor  # bool: sample (else greedy)
+    temperature: Tensor
+    top_k: Tensor  # 0 = off
+    top_p: Tensor
+    penalty: Tensor
+    seed: Tensor  # int64 (sampled rows)
+    step: Tensor  # int64: index of the token being drawn (the counter of the seeded noise)
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], seeds: list[int], steps: list[int], device) -> "RowSettings":
+        f = lambda xs, dt: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
+        return cls(f([p.do_sample for p in params], torch.bool),
+                   f([p.temperature if p.do_sample else 1.0 for p in params], torch.float32),
+                   f([min(p.top_k, 1 << 62) if p.do_sample else 0 for p in params], torch.long),
+                   f([p.top_p if p.do_sample else 1.0 for p in params], torch.float32),
+                   f([p.repetition_penalty for p in params], torch.float32),
+                   f([x % (1 << 63) for x in seeds], torch.long), f(steps, torch.long))
+
+
+def process_rows(logits: Tensor, seen: Tensor | None, s: RowSettings) -> Tensor:
+    """Repetition penalty (over the `seen` [R, V] tokens), then for sampled rows temperature,
+    top-k and top-p (HF's order and rules). fp32 in and out; greedy rows keep their logits."""
+    if seen is not None:
+        pen = s.penalty[:, None]
+        logits = torch.where(seen & (pen != 1.0), torch.where(logits < 0, logits * pen, logits / pen), logits)
+    if not torch.compiler.is_compiling() and not bool(s.sample.any()):
         return logits
-    if p.temperature != 1.0:
-        logits = logits / p.temperature
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens before it already cover top_p (the first one always stays).
-        drop = probs.cumsum(-1) - probs > p.top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return logits
+    out = logits / s.temperature[:, None]
+    V = logits.shape[-1]
+    k = torch.where((s.top_k > 0) & (s.top_k < V), s.top_k, V)
+    ordered, order = torch.sort(out, dim=-1, descending=True)
+    kth = ordered.gather(1, (k - 1)[:, None])
+    out = out.masked_fill(out < kth, float("-inf"))
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    probs = ordered.softmax(-1)
+    # Drop a token when the tokens before it already cover top_p (the first one always stays).
+    drop = (probs.cumsum(-1) - probs > s.top_p[:, None]) & (s.top_p[:, None] < 1.0)
+    out = out.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.where(s.sample[:, None], out, logits)
 
 
-def next_token(logits: Tensor, p: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    if not p.do_sample:
-        return logits.argmax(-1)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+_M32 = 0xFFFFFFFF
 
 
-def _decode_step(model: TeleChat, token: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor,
-                 attention_mask: Tensor | None, kv_len: int) -> Tensor:
-    return model(token, input_pos=input_pos, attention_mask=attention_mask, last_only=True,
-                 kv_len=kv_len, rope=(cos, sin))[:, -1].float()
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (PCG output function) on int64 tensors holding values < 2^32."""
+    state = (x * 747796405 + 2891336453) & _M32
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _M32
+    return (word >> 22) ^ word
 
 
-_compiled_steps: dict = {}
+def row_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """Gumbel noise [R, vocab] that depends only on (seed, step) of each row: a row draws the same
+    tokens whatever else is in the batch, and a seed reproduces a whole answer."""
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    row = _hash32(_hash32(_hash32(lo) ^ hi) ^ (step & _M32))[:, None]
+    ids = torch.arange(vocab, device=seed.device, dtype=torch.long)[None]
+    h = _hash32(row ^ _hash32(ids))
+    u = (h.double() + 0.5) / 4294967296.0  # in (0, 1)
+    return (-torch.log(-torch.log(u))).float()
 
 
-def compiled_decode_step(device_type: str = "cpu"):
-    """`_decode_step` under torch.compile, compiled once per process and device type.
-
-    CPU: dynamic shapes, attention over the filled part of the cache. Accelerators: static
-    shapes (attention over the whole cache behind a key mask) so that CUDA graphs can replay it.
-    """
-    if device_type not in _compiled_steps:
-        if device_type == "cpu":
-            _compiled_steps[device_type] = torch.compile(_decode_step, dynamic=True)
-        else:
-            _compiled_steps[device_type] = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
-    return _compiled_steps[device_type]
+def sample_rows(logits: Tensor, s: RowSettings) -> Tensor:
+    """Next token [R] from processed logits: argmax for greedy rows, Gumbel-max draws (exactly
+    softmax sampling) for the others."""
+    greedy = logits.argmax(-1)
+    if not torch.compiler.is_compiling() and not bool(s.sample.any()):
+        return greedy
+    drawn = (logits + row_noise(s.seed, s.step, logits.shape[-1])).argmax(-1)
+    return torch.where(s.sample, drawn, greedy)
 
 
-@torch.inference_mode()
-def generate_tokens(model: TeleChat, input_ids: Tensor, p: SamplingParams, attention_mask: Tensor | None = None,
-                    compile: bool = False, static_cache: bool | None = None) -> Iterator[Tensor]:
-    """Yield the next token of every row [B] at each step; rows that stopped yield `p.pad_id`.
-
-    The stop token itself is yielded; the iterator ends when every row has stopped or after
-    `p.max_new_tokens` steps. `static_cache` (default: compiling on an accelerator) attends over
-    the whole preallocated cache behind a key mask, so every step has the same shapes.
-    """
-    B, T = input_ids.shape
-    device = input_ids.device
-    total = T + p.max_new_tokens
-    if p.max_new_tokens == 0:
-        return
-    shape = model.cache_shape
-    if shape is None or shape[0] != B or shape[1] < total:
-        # Rounded up so that later calls reuse it (and a compiled step keeps its shapes).
-        model.setup_cache(B, -(-total // 256) * 256)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-    static = (compile and device.type != "cpu") if static_cache is None else static_cache
-    if static or attention_mask is not None:
-        # Key mask over the whole cache: prompt padding from the caller, generated tokens switched on per step.
-        key_mask = torch.zeros(B, model.cache_shape[1], dtype=torch.bool, device=device)
-        key_mask[:, :T] = True if attention_mask is None else attention_mask
-    else:
-        key_mask = None
-    generator = None
-    if p.do_sample and p.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(p.seed))
-    stops = torch.tensor(p.stop_ids, device=device, dtype=torch.long)
-    tokens = torch.empty(B, total, dtype=torch.long, device=device)
-    tokens[:, :T] = input_ids
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    step = compiled_decode_step(device.type) if compile else _decode_step
-
-    if static:
-        # Positions and rotary tables of every decode step, made once: a step then launches no host copy.
-        positions = torch.arange(T, total, device=device)
-        rope_table = rope_cos_sin(model.config, positions, positions + 1)
-    # On an accelerator the host learns whether every row stopped only every few steps (a check is a
-    # sync that stalls the queue of launched work); the steps in between are held back and yielded
-    # after the check, so the tokens seen are the same as with a check at every step.
-    check_every = 8 if static else 1
-    held: list[tuple[Tensor, Tensor]] = []
-
-    logits = model(input_ids, input_pos=torch.arange(T, device=device), attention_mask=key_mask,
-                   last_only=True)[:, -1].float()
-    for i in range(p.max_new_tokens):
-        pos = T + i
-        nxt = next_token(process_logits(logits, tokens[:, :pos], p), p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, p.pad_id), nxt)
-        tokens[:, pos] = nxt
-        done |= torch.isin(nxt, stops)
-        held.append((nxt, done.all()))
-        last = i == p.max_new_tokens - 1
-        if len(held) == check_every or last:
-            flags = torch.stack([f for _, f in held]).tolist()
-            for (t, _), all_done in zip(held, flags):
-                yield t
-                if all_done:
-                    return
-            held.clear()
-        if last:
-            return
-        if static:
-            input_pos, cos, sin = positions[i:i + 1], rope_table[0][i:i + 1], rope_table[1][i:i + 1]
-        else:
-            input_pos = torch.tensor([pos], device=device)
-            cos, sin = rope_cos_sin(model.config, input_pos, pos + 1)
-        if key_mask is not None:
-            key_mask[:, pos] = True
-        kv_len = key_mask.shape[1] if static else pos + 1
-        logits = step(model, nxt[:, None], input_pos, cos, sin, key_mask, kv_len)
+def seen_mask(tokens: Tensor, vocab: int) -> Tensor:
+    """[R, vocab] bool: which ids occur in each row of `tokens` [R, T]."""
+    return torch.zeros(tokens.shape[0], vocab, dtype=torch.bool, device=tokens.device).scatter_(1, tokens, True)
 
 
-def generate(model: TeleChat, input_ids: Tensor, p: SamplingParams, attention_mask: Tensor | None = None,
-             compile: bool = False) -> Tensor:
-    """Prompt plus generated tokens, [B, T + n]; rows that stopped early are padded with `p.pad_id`."""
-    out = [t[:, None] for t in generate_tokens(model, input_ids, p, attention_mask, compile)]
-    return torch.cat([input_ids, *out], dim=1) if out else input_ids.clone()
+def process_logits(logits: Tensor, tokens: Tensor, p: SamplingParams) -> Tensor:
+    """`process_rows` for rows that share one SamplingParams; `tokens` [R, T] are each row's history."""
+    R = logits.shape[0]
+    s = RowSettings.of([p] * R, [0] * R, [0] * R, logits.device)
+    seen = seen_mask(tokens, logits.shape[-1]) if p.repetition_penalty != 1.0 else None
+    return process_rows(logits, seen, s)

@@ -108,15 +108,16 @@ AUTO_MAP = {"AutoConfig": "configuration_telechat.TelechatConfig",
 
 def write_remote_code(folder: str | Path) -> None:
     """Put the files `trust_remote_code=True` needs into a saved folder: thin transformers wrappers
-    plus copies of telechat's own `config.py`, `rope.py` and `model.py` (so the folder works without telechat)."""
+    plus copies of telechat's own `config.py`, `rope.py`, `kv.py` and `model.py` (so the folder works without telechat)."""
     folder = Path(folder)
     src = Path(__file__).parent
     for name in ("configuration_telechat.py", "modeling_telechat.py", "tokenization_telechat.py"):
         shutil.copyfile(_REMOTE / name, folder / name)
     shutil.copyfile(src / "config.py", folder / "telechat_config.py")
-    for name, dest in (("rope.py", "telechat_rope.py"), ("model.py", "telechat_model.py")):
+    for name, dest in (("rope.py", "telechat_rope.py"), ("kv.py", "telechat_kv.py"), ("model.py", "telechat_model.py")):
         text = (src / name).read_text(encoding="utf-8").replace("from .config import", "from .telechat_config import")
-        (folder / dest).write_text(text.replace("from .rope import", "from .telechat_rope import"), encoding="utf-8")
+        text = text.replace("from .rope import", "from .telechat_rope import").replace("from .kv import", "from .telechat_kv import")
+        (folder / dest).write_text(text, encoding="utf-8")
     tok_cfg = folder / "tokenizer_config.json"
     if (folder / "tokenizer.model").exists() and not (folder / "tokenizer.json").exists():
         cfg = json.loads(tok_cfg.read_text(encoding="utf-8")) if tok_cfg.exists() else {}

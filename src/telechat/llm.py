@@ -12,7 +12,8 @@ from . import chat as _chat
 from .checkpoint import CheckpointError, dtype_name, load_model, save_model
 from .config import ConfigError, TeleChatConfig, check_int, check_number, preset, read_json
 from .default_model import resolve_model
-from .generate import SamplingParams, generate, generate_tokens, resolve_params
+from .engine import Engine
+from .generate import SamplingParams, default_max_new_tokens, resolve_params
 from .model import TeleChat
 from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
@@ -43,6 +44,14 @@ class LLM:
         self.generation_config = dict(generation_config or default_generation_config(model.config, tokenizer))
         model.generation_config = self.generation_config
         self.path = Path(path) if path is not None else None
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine every generation on this model runs through (created on first use)."""
+        if self._engine is None or self._engine.stopped:  # a server's shutdown stops it
+            self._engine = Engine(self.model)
+        return self._engine
 
     @property
     def config(self) -> TeleChatConfig:
@@ -66,42 +75,59 @@ class LLM:
     def generate(self, input_ids, max_new_tokens: int | None = None, do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
-                 seed: int | None = None, attention_mask: Tensor | None = None, compile: bool = False) -> Tensor:
+                 seed: int | None = None, attention_mask: Tensor | None = None, compile: bool | None = None) -> Tensor:
         """Greedy or sampled continuation of `input_ids` [B, T] (or one list of ids) -> [B, T + n].
 
         Unset arguments come from generation_config.json. A row stops at a stop id (the
         checkpoint's `<_end>` and `<_user>` unless `eos_token_id` is given; -1 disables stopping)
-        and is padded after it. `attention_mask` [B, T] marks left padding with 0.
-        `compile=True` runs the decode step under torch.compile.
+        and is padded after it. `attention_mask` [B, T] marks left padding with 0; every row is
+        generated as its own sequence. `compile` sets the engine's compiled decode step on or off
+        (default: on where it is faster).
         """
         ids = self._ids(input_ids)
-        p = self.sampling_params(max_new_tokens=self._max_new(ids, max_new_tokens), do_sample=do_sample,
-                                 temperature=temperature, top_k=top_k, top_p=top_p,
-                                 repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, seed=seed)
-        return generate(self.model, ids, p, attention_mask, compile=compile)
+        steps = list(self.stream(ids, attention_mask=attention_mask, compile=compile, max_new_tokens=max_new_tokens,
+                                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, seed=seed))
+        return torch.cat([ids, torch.stack(steps, 1)], dim=1) if steps else ids.clone()
 
-    def stream(self, input_ids, attention_mask: Tensor | None = None, compile: bool = False, **sampling):
-        """Like generate, but yields the next token of every row [B] as it is produced."""
+    def stream(self, input_ids, attention_mask: Tensor | None = None, compile: bool | None = None, **sampling):
+        """Like generate, but yields the next token of every row [B] as it is produced (rows that
+        ended yield the pad id; a stop token is yielded)."""
         ids = self._ids(input_ids)
         sampling["max_new_tokens"] = self._max_new(ids, sampling.get("max_new_tokens"))
-        return generate_tokens(self.model, ids, self.sampling_params(**sampling), attention_mask, compile=compile)
+        p = self.sampling_params(**sampling)
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask).reshape(ids.shape).bool().cpu()
+            rows = [r[m].tolist() for r, m in zip(ids.cpu(), mask)]
+        else:
+            rows = ids.tolist()
+        if compile is not None:
+            self.engine.configure(compile=compile)
+        return self._stream(rows, p)
+
+    def _stream(self, rows: list[list[int]], p: SamplingParams):
+        if p.max_new_tokens == 0:
+            return
+        for step in self.engine.iter_tokens(rows, [p] * len(rows),
+                                            max_len=max(len(r) for r in rows) + p.max_new_tokens):
+            yield torch.tensor([p.pad_id if t is None else t for t in step], device=self.device)
 
     def _ids(self, input_ids) -> Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         return (ids[None] if ids.dim() == 1 else ids).to(self.device)
 
     def _max_new(self, ids: Tensor, max_new_tokens: int | None) -> int:
-        """Explicit value, else generation_config's max_new_tokens, else what max_length leaves."""
+        """Explicit value, else generation_config's max_new_tokens, else DEFAULT_MAX_NEW_TOKENS,
+        within what max_length leaves after the prompt."""
         if max_new_tokens is not None:
             return max_new_tokens
-        if self.generation_config.get("max_new_tokens") is not None:
-            return int(self.generation_config["max_new_tokens"])
-        return max(1, int(self.generation_config.get("max_length") or self.config.seq_length) - ids.shape[1])
+        return default_max_new_tokens(self.generation_config, ids.shape[1], self.config.seq_length)
 
     def chat(self, question: str, history: list[dict] | None = None, stream: bool = False, **generation_kwargs):
         """`(answer, history)`; with `stream=True`, an iterator of text increments (history is
         extended when it is exhausted). History: [{"role": "user"|"bot"|"assistant", "content": str}]."""
-        return _chat.chat(self.model, self.tokenizer, question, history, stream=stream, **generation_kwargs)
+        return _chat.chat(self.model, self.tokenizer, question, history, stream=stream, engine=self.engine,
+                          **generation_kwargs)
 
     def encode_chat(self, question: str, history: list[dict] | None = None, max_length: int | None = None) -> list[int]:
         return _chat.encode_conversation(self.tokenizer, question, history, max_length)
@@ -182,14 +208,20 @@ def _check_generation_value(key: str, value) -> None:
         check_number(key, value, 0, low_open=True)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype=None) -> LLM:
+def load(path: str | Path, device: str | torch.device = "auto", dtype="auto") -> LLM:
     """Load a TeleChat checkpoint folder (official layout: .bin or safetensors, sharded or not).
 
     "default" loads the default model (SmolLM2-135M-Instruct, imported once into $TELECHAT_HOME).
 
-    dtype None keeps the checkpoint's own; "float32", "bfloat16", "float16" or a torch dtype
-    converts while loading. A folder without tokenizer files gives `llm.tokenizer` None.
+    device "auto": CUDA when present, else the CPU. dtype "auto": bf16 on GPUs and on CPUs with
+    native bf16 (AVX-512 BF16 / AMX), fp32 on other CPUs; None keeps the checkpoint's own;
+    "float32", "bfloat16", "float16" or a torch dtype converts while loading. Quantized
+    checkpoints keep their format (dtype applies to what is not quantized). A folder without
+    tokenizer files gives `llm.tokenizer` None.
     """
+    from .device import resolve_device
+
+    device = resolve_device(device)
     path = resolve_model(path)
     model = load_model(path, device=device, dtype=dtype)
     own = _read_generation_config(path)  # checked before the tokenizer, which reads it too

@@ -1,11 +1,8 @@
-"""Batched generation until stop ids or stop strings, on the project's one decoding loop."""
+"""Generation until stop ids or stop strings, every prompt a sequence of the model's engine."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
-
-from ..generate import generate_tokens
 from ..tokenizer import StreamDecoder
 
 
@@ -14,7 +11,6 @@ def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-@torch.inference_mode()
 def generate_until(llm, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
                    batch_size: int = 8, do_sample: bool = False, temperature: float | None = None,
                    top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
@@ -23,9 +19,9 @@ def generate_until(llm, prompts: Sequence[Sequence[int]], max_new_tokens: int, s
     """Text generated after each prompt (ids), cut before the first stop string.
 
     Greedy unless `do_sample`; no repetition penalty. A row ends at a stop id (default: the
-    checkpoint's `<_end>`/`<_user>`), a stop string or `max_new_tokens`. Prompts are batched
-    longest first and left-padded; a prompt longer than the context loses its oldest tokens.
-    Batch i samples with seed `seed + i`, so repeated prompts in different batches differ.
+    checkpoint's `<_end>`/`<_user>`), a stop string or `max_new_tokens`. The engine batches the
+    prompts continuously, `batch_size` of them submitted at a time; a prompt longer than the
+    context loses its oldest tokens. Prompt i samples with seed `seed + i`.
     """
     tok = llm.tokenizer
     if tok is None:
@@ -35,42 +31,33 @@ def generate_until(llm, prompts: Sequence[Sequence[int]], max_new_tokens: int, s
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
                          f"model's context of {context} tokens")
     keep = context - max_new_tokens
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out = [""] * len(prompts)
-    pad = tok.pad_id if tok.pad_id is not None else 0
-    for bi, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start:start + batch_size]
-        rows = [list(prompts[i])[-keep:] for i in idx]
-        if any(not r for r in rows):
-            raise ValueError("an empty prompt cannot be generated from")
-        T = max(map(len, rows))
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, T - len(r):] = torch.tensor(r)
-            mask[b, T - len(r):] = 1
-        params = llm.sampling_params(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                     top_p=top_p, top_k=top_k, repetition_penalty=1.0,
-                                     seed=None if seed is None else seed + bi,
-                                     eos_token_id=list(stop_ids) if stop_ids is not None else None)
-        stops = set(params.stop_ids)
-        decoders = [StreamDecoder(tok) for _ in rows]
-        done = [False] * len(rows)
-        texts = [""] * len(rows)
-        attn = None if bool(mask.all()) else mask.to(llm.device)
-        for step in generate_tokens(llm.model, ids.to(llm.device), params, attn):
-            for b, t in enumerate(step.tolist()):
-                if done[b]:
+    rows = [list(p)[-keep:] for p in prompts]
+    if any(not r for r in rows):
+        raise ValueError("an empty prompt cannot be generated from")
+    out = [""] * len(rows)
+    group = max(batch_size, 1) * 4  # enough in flight for continuous batching, bounded memory
+    for start in range(0, len(rows), group):
+        idx = list(range(start, min(start + group, len(rows))))
+        params = [llm.sampling_params(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                      top_p=top_p, top_k=top_k, repetition_penalty=1.0,
+                                      seed=None if seed is None else seed + i,
+                                      eos_token_id=list(stop_ids) if stop_ids is not None else None) for i in idx]
+        decoders = [StreamDecoder(tok) for _ in idx]
+        texts: list[str | None] = [None] * len(idx)
+        seqs: list = []
+        for step in llm.engine.iter_tokens([rows[i] for i in idx], params, sequences=seqs):
+            for b, t in enumerate(step):
+                if t is None or texts[b] is not None:
                     continue
-                if t in stops:
-                    done[b] = True
+                if t in params[b].stop_ids:
                     continue
                 if decoders[b].push(t) and stop:
-                    texts[b], done[b] = _cut(decoders[b].text, stop)
-            if all(done):
-                break
+                    text, hit = _cut(decoders[b].text, stop)
+                    if hit:
+                        texts[b] = text
+                        seqs[b].cancel("stop")
         for b, i in enumerate(idx):
-            if not texts[b] or not done[b]:
+            if texts[b] is None:
                 decoders[b].flush()
                 texts[b] = _cut(decoders[b].text, stop)[0]
             out[i] = texts[b]

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..kv import DenseKV
 from ..model import TeleChat
 from ..rope import rope_cos_sin
 
@@ -69,7 +70,7 @@ class LoglikEngine:
         self._prefix: list[int] = []  # tokens whose K/V sit in cache row 0 (and rows 1.. after a copy)
         self._prefix_scaling: tuple[float, float] | None = None
         self._rows_filled = 0  # cache rows that hold the prefix
-        self._cache = None
+        self._cache: DenseKV | None = None  # this scorer's own keys/values
 
     @property
     def device(self) -> torch.device:
@@ -102,7 +103,6 @@ class LoglikEngine:
         self.stats["requests"] += len(reqs)
         rows = self._rows(reqs)
         results: list[tuple[float, bool] | None] = [None] * len(reqs)
-        self._reset_if_cache_changed()
         for group, prefix_len in self._groups(rows):
             for b in range(0, len(group), self.batch_size):
                 batch = group[b:b + self.batch_size]
@@ -160,25 +160,13 @@ class LoglikEngine:
             yield sorted(loose, key=lambda r: -len(r.tokens)), 0
 
     # ---- execution -----------------------------------------------------------------------------
-    def _caches(self):
-        return [block.self_attention.cache for block in self.model.transformer.h]
-
-    def _reset_if_cache_changed(self) -> None:
-        # Generation (or anything else) may have replaced the cache since the last call.
-        caches = self._caches()
-        if self._cache is None or any(c is not o for c, o in zip(caches, self._cache)):
-            self._prefix, self._prefix_scaling, self._rows_filled = [], None, 0
-
     def _ensure_cache(self, rows: int, length: int) -> None:
-        shape = self.model.cache_shape
-        if shape is None or shape[0] < rows or self._cache is None or \
-                any(c is not o for c, o in zip(self._caches(), self._cache)):
-            n_rows = max(rows, self.batch_size)
-            self.model.setup_cache(n_rows, -(-max(length, 1) // 256) * 256)
+        length = -(-max(length, 1) // 256) * 256
+        if self._cache is None or self._cache.shape[0] < rows:
+            self._cache = DenseKV(self.config, max(rows, self.batch_size), length, self.model.dtype, self.device)
             self._prefix, self._prefix_scaling, self._rows_filled = [], None, 0
-        elif shape[1] < length:
-            self.model.resize_cache(-(-length // 256) * 256)  # keeps the cached prefix
-        self._cache = self._caches()
+        elif self._cache.shape[1] < length:
+            self._cache = self._cache.resized(length)  # keeps the cached prefix
 
     def _prefill(self, tokens: list[int], scaling_total: int, n_rows: int) -> None:
         """Make cache rows 0..n_rows-1 hold the K/V of `tokens`, computing only what row 0 lacks."""
@@ -189,17 +177,15 @@ class LoglikEngine:
             pos = torch.arange(keep, P, device=self.device)
             rope = rope_cos_sin(self.config, pos, scaling_total)
             ids = torch.tensor([tokens[keep:]], device=self.device)
-            with self.model.cache_rows(0, 1):
-                self.model.transformer(ids, input_pos=pos, kv_len=P, rope=rope, last_only=True)
+            self.model.transformer(ids, cache=self._cache.at(pos, P, rows=slice(0, 1)), rope=rope,
+                                   select=torch.tensor([P - keep - 1], device=self.device))
             self.stats["tokens_computed"] += P - keep
             self.stats["prefix_tokens"] += P - keep
         if keep < P or len(self._prefix) != P:
             self._rows_filled = 1
         self._prefix, self._prefix_scaling = list(tokens), scaling
         if n_rows > self._rows_filled:  # the other rows get row 0's prefix
-            for c in self._caches():
-                c.k[self._rows_filled:n_rows, :, :P] = c.k[0:1, :, :P]
-                c.v[self._rows_filled:n_rows, :, :P] = c.v[0:1, :, :P]
+            self._cache.copy_rows(0, slice(self._rows_filled, n_rows), P)
             self._rows_filled = n_rows
 
     def _run_batch(self, batch: list[_Row], P: int, reqs, results) -> None:
@@ -217,7 +203,7 @@ class LoglikEngine:
         # Each row's own RoPE tables: those of a plain forward over its request (rows of a group share them).
         cos, sin = rope_cos_sin(self.config, pos, [r.total for r in batch])
         # Positions >= P of each used row are rewritten here; the prefix below P stays intact.
-        hidden = self.model.transformer(ids.to(self.device), input_pos=pos, kv_len=P + R, rope=(cos, sin))
+        hidden = self.model.transformer(ids.to(self.device), cache=self._cache.at(pos, P + R), rope=(cos, sin))
         self.stats["rows"] += n
         self.stats["tokens_computed"] += sum(len(r.tokens) - P for r in batch)
         # The logits each request reads, computed once per distinct (row, position).

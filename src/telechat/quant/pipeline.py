@@ -136,7 +136,7 @@ def _quantize_blocks(out: TeleChat, tensors: dict, qcfg: QuantConfig, ids: torch
         block = _float_block(config, tensors, i, device)
 
         def forward(x):
-            return block(x, rope[0], rope[1], None, None, x.shape[1])
+            return block(x, rope[0], rope[1])
 
         for group in groups:
             layers = {name: block.get_submodule(name) for name in group}

@@ -1,5 +1,5 @@
 """`telechat serve`: an OpenAI-compatible and TeleChat-compatible HTTP server over a continuous-batching engine."""
-from .engine import Engine, QueueFull, Sequence, Stream
+from ..engine import Engine, QueueFull, Sequence, Stream
 
 __all__ = ["Engine", "QueueFull", "Sequence", "Stream", "create_app"]
 

@@ -22,7 +22,7 @@ from .. import chat as _chat
 from ..generate import default_max_new_tokens
 from ..llm import LLM
 from ..tokenizer import StreamDecoder
-from .engine import Engine, QueueFull, Stream
+from ..engine import Engine, QueueFull, Stream
 from .metrics import Metrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, TeleChatError, parse_body,
                        parse_telechat)
@@ -216,8 +216,12 @@ def create_app(llm: LLM, *, model_name: str | None = None, api_key: str | None =
 
     `body_timeout`: seconds a client has to send a request body once its headers are in (else 408)."""
     if engine is None:
-        engine = Engine(llm.model, max_concurrency=max_concurrency, max_queue=max_queue,
-                        max_model_len=max_model_len or llm.config.seq_length)
+        limits = {"max_concurrency": max_concurrency, "max_queue": max_queue,
+                  "max_model_len": max_model_len or llm.config.seq_length}
+        if llm.engine.claim():  # the LLM's own engine: in-process generate/chat calls batch with requests
+            engine = llm.engine.configure(**limits)
+        else:  # another app on this LLM serves through it: this one gets its own
+            engine = Engine(llm.model, **limits)
     name = model_name or (llm.path.name if llm.path else "telechat")
     srv = Server(llm, engine, name, api_key, max_body_bytes, body_timeout)
 

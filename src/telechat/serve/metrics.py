@@ -5,7 +5,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .engine import Engine
+from ..engine import Engine
 
 disable_created_metrics()  # no *_created series: they only add noise here
 
@@ -24,7 +24,7 @@ class _EngineCollector:
         yield CounterMetricFamily("telechat_prompt_tokens_cached", "Prompt tokens whose keys came from the prefix cache",
                                   value=s.cached_prompt_tokens)
         yield CounterMetricFamily("telechat_generation_tokens", "Tokens generated", value=s.generated_tokens)
-        yield CounterMetricFamily("telechat_decode_steps", "Batched decode steps run", value=s.steps)
+        yield CounterMetricFamily("telechat_decode_steps", "Engine steps run (one batched forward each)", value=s.steps)
         finished = CounterMetricFamily("telechat_sequences_finished", "Sequences finished, by reason",
                                        labels=["reason"])
         for reason, n in s.requests_finished.items():
@@ -32,7 +32,13 @@ class _EngineCollector:
         yield finished
         yield GaugeMetricFamily("telechat_queue_depth", "Sequences waiting for a slot", value=len(e.waiting))
         yield GaugeMetricFamily("telechat_running_sequences", "Sequences in the running batch", value=e.running)
-        yield GaugeMetricFamily("telechat_max_concurrency", "KV-cache slots", value=e.max_concurrency)
+        yield GaugeMetricFamily("telechat_max_concurrency", "Sequences that may run at once", value=e.max_concurrency)
+        kv = e.kv_usage()
+        yield GaugeMetricFamily("telechat_kv_blocks_used", f"KV blocks ({kv['block_size']} positions) held by "
+                                "running sequences", value=kv["used_blocks"])
+        yield GaugeMetricFamily("telechat_kv_blocks_cached", "Free KV blocks kept for prefix reuse",
+                                value=kv["cached_blocks"])
+        yield GaugeMetricFamily("telechat_kv_blocks_allocated", "KV blocks allocated", value=kv["allocated_blocks"])
         yield GaugeMetricFamily("telechat_generation_tokens_per_second",
                                 "Generated tokens per second over the last 10 s", value=s.tokens_per_second())
 

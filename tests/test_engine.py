@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import telechat
-from telechat.generate import SamplingParams, generate
-from telechat.serve.engine import Engine, QueueFull, Sequence, Stream
+from telechat.engine import Engine, QueueFull, Sequence, Stream
+from telechat.generate import RowSettings, SamplingParams, process_logits, sample_rows
+from telechat.kv import DenseKV
 
 TIMEOUT = 30  # seconds; every wait below normally ends in well under one
 
@@ -60,7 +61,8 @@ def engines(model):
     made: list[Engine] = []
 
     def make(start: bool = True, **kw) -> Engine:
-        eng = Engine(model, **kw)
+        kw.setdefault("prefill_budget", 512)  # a fixed budget: the step of each event is known
+        eng = Engine(model, autostart=start, **kw)
         made.append(eng)
         return eng.start() if start else eng
 
@@ -68,20 +70,36 @@ def engines(model):
     for eng in made:
         eng.stop()
         assert not eng.alive
-    model.clear_cache()
 
 
 def ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+@torch.inference_mode()
+def generate_alone(model, prompt: list[int], params: SamplingParams, n: int) -> list[int]:
+    """One sequence on a contiguous cache (telechat.kv.DenseKV, no engine): prefill, then a token per
+    step; greedy or seeded sampling (the draw for token i uses (seed, i)); ends after a stop id."""
+    cache = DenseKV(model.config, 1, len(prompt) + n, model.dtype)
+    logits = model(torch.tensor([prompt]), cache=cache.at(torch.arange(len(prompt))), last_only=True)[:, -1].float()
+    out = []
+    for i in range(n):
+        s = RowSettings.of([params], [params.seed or 0], [i], "cpu")
+        tok = int(sample_rows(process_logits(logits, torch.tensor([prompt + out]), params), s)[0])
+        out.append(tok)
+        if tok in params.stop_ids:
+            break
+        pos = torch.tensor([len(prompt) + i])
+        logits = model(torch.tensor([[tok]]), cache=cache.at(pos), last_only=True)[:, -1].float()
+    return out
+
+
 def reference(ref_model, prompt: list[int], params: SamplingParams, context: int = 512) -> tuple[list[int], str]:
-    """What the engine should emit for one sequence, from `generate` run alone: tokens up to (not
+    """What the engine should emit for one sequence, from `generate_alone`: tokens up to (not
     including) the first stop id, at most max_new_tokens, and no more than the context allows."""
     n = min(params.max_new_tokens, context - len(prompt))
-    out = generate(ref_model, torch.tensor([prompt]), dataclasses.replace(params, max_new_tokens=n))
-    out = out[0, len(prompt):].tolist()
-    assert len(out) == n or out[-1] in params.stop_ids  # generate ends once its only row stopped
+    out = generate_alone(ref_model, prompt, params, n)
+    assert len(out) == n or out[-1] in params.stop_ids
     for i, t in enumerate(out):
         if t in params.stop_ids:
             return out[:i], "stop"
@@ -181,7 +199,7 @@ def test_continuous_batching_equals_single_sequence_generation(engines, ref_mode
         submitted[g].set()
     for r in recs:
         r.wait()
-    cache_shape = eng.cache_shape
+    kv = eng.kv_usage()
 
     for i, (r, (tokens, reason)) in enumerate(zip(recs, expected)):
         assert r.tokens == tokens, f"request {i} ({specs[i][1]})"
@@ -193,7 +211,7 @@ def test_continuous_batching_equals_single_sequence_generation(engines, ref_mode
     last = {n: max(j for j, (m, _) in enumerate(log) if m == n) for n in first}
     for r in recs[1:]:
         assert any(first[o] < first[r.name] < last[o] for o in first if o != r.name), r.name
-    assert cache_shape == (3, 512)  # grown from 256 while serving
+    assert kv["used_blocks"] == 0 and kv["cached_blocks"] > 0  # all memory back; prompt blocks stay cached
     assert eng.stats.requests_finished == {"stop": 1, "length": 6, "cancelled": 0, "error": 0}
 
 
@@ -215,11 +233,11 @@ def test_sequences_join_and_leave_at_every_step(engines, ref_model):
     assert long.tokens == reference(ref_model, long_p, long_sp)[0]
     assert short.tokens == reference(ref_model, short_p, short_sp)[0]
     assert queued.tokens == reference(ref_model, queued_p, queued_sp)[0]
-    # step counts at each event (the first token comes from the prefill, one more per decode step)
-    assert long.steps[:-1] == list(range(24)) and short.steps == [0, 1, 2, 2]
-    assert queued.steps[0] == short.steps[-1] == 2  # admitted right after the short one left
-    assert queued.steps[:-1] == [2, 3, 4, 5]
-    assert long.steps[-1] == 23 and eng.stats.steps == 23  # the long one never waited
+    # step counts at each event (the first token comes from the prefill step, one more per step)
+    assert long.steps[:-1] == list(range(1, 25)) and short.steps == [1, 2, 3, 3]
+    assert queued.steps[0] == short.steps[-1] + 1 == 4  # prefilled in the step right after the short one left
+    assert queued.steps[:-1] == [4, 5, 6, 7]
+    assert long.steps[-1] == 24 and eng.stats.steps == 24  # the long one never waited
     assert eng.stats.generated_tokens == 24 + 3 + 4
 
 
@@ -281,7 +299,7 @@ def test_cancel_frees_the_slot_for_a_queued_request(engines, ref_model):
     assert len(a.tokens) == 3 and a.final == ("done", "cancelled")
     assert running_at_done == [0]  # the slot was free when the cancellation was reported
     assert c.events == [("done", "cancelled")]  # cancelled while queued: never admitted
-    assert b.steps[0] == a.steps[-1]  # b took the slot in the same step that dropped a
+    assert b.steps[0] == a.steps[-1] + 1  # b was prefilled in the step that dropped a
     assert b.tokens == reference(ref_model, b_p, b_sp)[0] and b.final == ("done", "length")
     assert eng.stats.requests_finished == {"stop": 0, "length": 1, "cancelled": 2, "error": 0}
     seq_a.cancel()  # cancelling a finished sequence changes nothing
@@ -353,11 +371,8 @@ def test_context_limit_and_cache_cap(engines, ref_model, model):
     submit(eng, edge, sp, r2)
     r1.wait()
     r2.wait()
-    # the final events are sent from inside the step; the cache leaves the model when that step ends
-    deadline = time.monotonic() + 10
-    while model.cache_shape is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert eng.cache_shape == (2, 40) and model.cache_shape is None  # the model is left cache-free
+    # the final events are sent from inside the step that frees the blocks
+    assert eng.kv_usage()["used_blocks"] == 0 and eng.kv_usage()["allocated_blocks"] >= 3
     assert (r1.tokens, r1.final) == (reference(ref_model, prompt, sp, 40)[0], ("done", "length"))
     assert len(r1.tokens) == 10
     assert (r2.tokens, r2.final) == (reference(ref_model, edge, sp, 40)[0], ("done", "length"))
@@ -387,7 +402,7 @@ def test_a_failing_step_fails_the_running_sequences_and_the_engine_serves_on(eng
 
     def arm(rec, kind, value):  # after a's 3rd token, the next forward (the next decode step) raises
         if kind == "token" and len(rec.tokens) == 3:
-            caches.append(model.transformer.h[0].self_attention.cache)
+            caches.append(eng.kv)
             armed.set()
     a, b = Rec(eng, "a", hook=arm), Rec(eng, "b")
     waiting = Rec(eng, "waiting")
@@ -408,7 +423,7 @@ def test_a_failing_step_fails_the_running_sequences_and_the_engine_serves_on(eng
     assert eng.alive
     # the queued request is served afterwards, exactly (for OOM the cache was dropped and rebuilt)
     assert (waiting.tokens, waiting.final) == (reference(ref_model, w_p, w_sp)[0], ("done", "length"))
-    rebuilt = eng._caches[0] is not caches[0]
+    rebuilt = eng.kv is not caches[0]
     assert rebuilt == isinstance(exc, torch.OutOfMemoryError)
     after = Rec(eng, "after")
     a_p, a_sp = ids(50, 20), SamplingParams(max_new_tokens=12, repetition_penalty=1.5)
@@ -525,13 +540,13 @@ def test_stats_add_up(engines, ref_model):
     assert all(0 < t < TIMEOUT for t in ttfts)
     assert min(sec for _, sec in finishes) >= min(ttfts)
     assert 0 < s.tokens_per_second() <= s.generated_tokens / 10.0  # over its 10 s window
-    # r0 and r1 start together, r2 takes the first slot freed; one decode step per token after the first
-    joined = min(9 - 1, k)
-    assert s.steps == max(9 - 1, k, joined + 5 - 1)
+    # r0 and r1 start together (first tokens from step 1), r2 is prefilled in the step after the
+    # first of them ends; one step per token
+    assert s.steps == max(9, k + 1, min(9, k + 1) + 5)
 
 
 def test_stop_cancels_what_is_queued(model):
-    eng = Engine(model, max_concurrency=1)
+    eng = Engine(model, max_concurrency=1, autostart=False)
     recs = [Rec(eng, f"r{i}") for i in range(2)]
     for i, r in enumerate(recs):
         submit(eng, ids(5, 30 + i), SamplingParams(max_new_tokens=4), r)
@@ -544,7 +559,7 @@ def test_stop_cancels_what_is_queued(model):
 # prefix caching
 # ---------------------------------------------------------------------------------------------
 def test_prefix_cache_reuses_keys_and_changes_nothing(engines, ref_model):
-    eng = engines(max_concurrency=3)
+    eng = engines(max_concurrency=3, block_size=4)  # whole blocks are shared
     shared = ids(12, seed=500)  # every prompt below stays within training_seqlen 32
     a_p, b_p = shared + ids(5, seed=501), shared + ids(4, seed=502)
     greedy, sampled = SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, do_sample=True, seed=7)
@@ -554,22 +569,24 @@ def test_prefix_cache_reuses_keys_and_changes_nothing(engines, ref_model):
     a.wait()
     assert eng.stats.cached_prompt_tokens == 0
     b = Rec(eng, "b")
-    submit(eng, b_p, sampled, b)  # shares 12 tokens with what slot 0 still holds
+    submit(eng, b_p, sampled, b)  # shares 12 tokens (3 blocks) with a's cached prompt
     b.wait()
     assert eng.stats.cached_prompt_tokens == 12
     assert b.tokens == reference(ref_model, b_p, sampled)[0]
 
-    # A follow-up turn holds the previous prompt and answer: everything but the newest token is reused.
+    # A follow-up turn holds the previous prompt and answer: every full block b computed is reused
+    # (b computed all its tokens but the last one sampled).
     c_p = b_p + b.tokens + ids(3, seed=503)
     c = Rec(eng, "c")
     submit(eng, c_p, greedy, c)
     c.wait()
-    assert len(c_p) <= 32 and eng.stats.cached_prompt_tokens == 12 + len(b_p) + len(b.tokens) - 1
+    reused = (len(b_p) + len(b.tokens) - 1) // 4 * 4
+    assert len(c_p) <= 32 and eng.stats.cached_prompt_tokens == 12 + reused and reused > len(b_p)
     assert c.tokens == reference(ref_model, c_p, greedy)[0]
 
 
-def test_prefix_cache_copies_between_running_rows(engines, ref_model):
-    eng = engines(max_concurrency=2)
+def test_prefix_cache_shares_blocks_with_a_running_sequence(engines, ref_model):
+    eng = engines(max_concurrency=2, block_size=4)
     shared = ids(20, seed=510)
     a_p, b_p = shared + ids(4, seed=511), shared + ids(7, seed=512)
     params = SamplingParams(max_new_tokens=12)
@@ -577,7 +594,7 @@ def test_prefix_cache_copies_between_running_rows(engines, ref_model):
     a, b = Rec(eng, "a", hook=hold_at(2, reached, release)), Rec(eng, "b")
     submit(eng, a_p, params, a)
     assert reached.wait(TIMEOUT)
-    submit(eng, b_p, params, b)  # joins while a runs in the other row: keys copied row to row
+    submit(eng, b_p, params, b)  # joins while a runs: a's first 5 prompt blocks are shared
     release.set()
     a.wait(), b.wait()
     assert eng.stats.cached_prompt_tokens == 20
