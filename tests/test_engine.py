@@ -618,3 +618,42 @@ def test_prefix_cache_off_past_training_length_and_when_disabled(engines, ref_mo
         submit(off, ids(10, seed=522), params, r)
         r.wait()
     assert off.stats.cached_prompt_tokens == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked prefill and the paged cache give the logits of one whole forward
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+def test_chunked_prefill_and_paged_decode_equal_whole_forwards(model, monkeypatch, chunk):
+    """A 100-token prompt (past training_seqlen 32, so every chunk must use the whole prompt's NTK
+    scaling) prefilled in chunks of 1, 7 or 64 tokens (None: adaptive) gives the last-position
+    logits of one uncached forward; each decode step on the paged cache then gives the logits of a
+    contiguous-cache (DenseKV) decode of the same tokens."""
+    import telechat.engine as engine_mod
+
+    seen = []
+    real = engine_mod.process_rows
+    monkeypatch.setattr(engine_mod, "process_rows", lambda logits, *a: (seen.append(logits.clone()),
+                                                                         real(logits, *a))[1])
+    prompt = ids(100, 600)
+    other = ids(45, 601)  # decoding beside it, so chunks share steps with a decode row
+    eng = Engine(model, prefill_budget=chunk, block_size=16, compile=False)
+    rows = [[], []]
+    seqs = []
+    for step in eng.iter_tokens([other, prompt], [SamplingParams(max_new_tokens=6)] * 2, sequences=seqs):
+        for i, t in enumerate(step):
+            if t is not None:
+                rows[i].append(t)
+    with torch.inference_mode():
+        whole = model(torch.tensor([prompt]))[0, -1].float()
+        cache = DenseKV(model.config, 1, 120, model.dtype)
+        want = [model(torch.tensor([prompt]), cache=cache.at(torch.arange(100)), last_only=True)[0, -1].float()]
+        for i, tok in enumerate(rows[1][:-1]):
+            want.append(model(torch.tensor([[tok]]), cache=cache.at(torch.tensor([100 + i])))[0, -1].float())
+    torch.testing.assert_close(want[0], whole, rtol=1e-4, atol=1e-4)
+    got = [lg[-1] if lg.shape[0] == 2 else lg[0] for lg in seen]  # the prompt's row comes last once both run
+    mine = [g for g in got if any(torch.allclose(g, w, rtol=1e-4, atol=1e-4) for w in want)]
+    assert len(mine) == len(want) == 6
+    for g, w in zip(mine, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert rows[1] == reference(model, prompt, SamplingParams(max_new_tokens=6))[0]

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import running_server
@@ -469,6 +470,30 @@ def slow_steps(serve_llm, monkeypatch):
         time.sleep(0.01)
         return real(x)
     monkeypatch.setattr(head, "forward", slow)
+
+
+def test_threads_generate_while_the_server_runs_on_the_same_llm(client, server, serve_llm):
+    """In-process `generate`/`chat` from several threads and HTTP requests, all at once on one LLM
+    (one engine): each answer equals the one it gets alone, computed before any concurrency."""
+    texts = ["The quick brown", "今天天气很好", "Large language models"]
+    g = torch.Generator().manual_seed(7)
+    id_prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 40, 23)]
+    gen_alone = [serve_llm.generate(p, max_new_tokens=16, eos_token_id=-1)[0].tolist() for p in id_prompts]
+    http_alone = [complete(client, t, max_tokens=12)["choices"][0]["text"] for t in texts]
+    chat_alone = serve_llm.chat("你好", max_new_tokens=10)[0]
+
+    def http(t):
+        with httpx.Client(base_url=server, timeout=60) as c:
+            return complete(c, t, max_tokens=12)["choices"][0]["text"]
+
+    with ThreadPoolExecutor(7) as pool:
+        gens = [pool.submit(serve_llm.generate, p, max_new_tokens=16, eos_token_id=-1) for p in id_prompts]
+        https = [pool.submit(http, t) for t in texts]
+        chatted = pool.submit(lambda: serve_llm.chat("你好", max_new_tokens=10)[0])
+        assert [f.result()[0].tolist() for f in gens] == gen_alone
+        assert [f.result() for f in https] == http_alone
+        assert chatted.result() == chat_alone
+    assert client.get("/health").json()["status"] == "ok"
 
 
 def _cancelled(client) -> float:

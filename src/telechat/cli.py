@@ -31,11 +31,23 @@ Ctrl-C stops the answer being written."""
 
 
 # ---- verbs ---------------------------------------------------------------------------------------
+def _load_for_inference(model: str, device: str, dtype: str, compile: bool | None):
+    """Load for chat/serve/eval and say on stderr what runs where (device, dtype, compiled decode)."""
+    from . import load
+    from .device import describe
+
+    llm = load(model, device=device, dtype=None if dtype == "checkpoint" else dtype)
+    if compile is not None:
+        llm.engine.configure(compile=compile)
+    print(f"telechat: {describe(llm.device, llm.dtype, llm.engine.compile)}", file=sys.stderr, flush=True)
+    return llm
+
+
 @command
-def chat(model: str = "default", prompt: str | None = None, device: str = "cpu", dtype: str | None = None,
+def chat(model: str = "default", prompt: str | None = None, device: str = "auto", dtype: str = "auto",
          max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
          top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-         seed: int | None = None, compile: bool = False) -> int:
+         seed: int | None = None, compile: bool | None = None) -> int:
     """Chat with a model: interactive and multi-turn with streaming, or one answer with --prompt.
 
     In the interactive loop, `/help` lists the commands, `/clear` forgets the conversation and
@@ -46,8 +58,9 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "cpu",
     Args:
         model: checkpoint folder (official TeleChat layout), or "default".
         prompt: answer this one question, print the answer and exit.
-        device: torch device, e.g. cpu or cuda.
-        dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
+        device: torch device, e.g. cpu or cuda (auto: CUDA when present, else cpu).
+        dtype: float32, bfloat16 or float16; auto: bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16,
+            AMX), else float32; "checkpoint" keeps the checkpoint's own.
         max_new_tokens: most tokens per answer (default: the checkpoint's, else 512).
         do_sample: sample instead of greedy decoding.
         temperature: sampling temperature.
@@ -55,18 +68,15 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "cpu",
         top_p: nucleus sampling mass.
         repetition_penalty: penalty on tokens already in the conversation (1 = none).
         seed: random seed, for reproducible sampling.
-        compile: run the decode step under torch.compile (faster after a one-off compile).
+        compile: run the decode step under torch.compile (default: where it is faster, i.e. on GPUs and
+            for float models of 50M+ parameters on CPU; compiled once, then cached on disk).
     """
-    from . import load
-
-    llm = load(model, device=device, dtype=dtype)
+    llm = _load_for_inference(model, device, dtype, compile)
     if llm.tokenizer is None:
         raise SystemExit(f"error: {model} has no tokenizer files (tokenizer.model or tokenizer.json), so it cannot chat")
     gen = {k: v for k, v in dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                                  seed=seed).items() if v is not None}
-    if compile:
-        gen["compile"] = True
     history: list[dict] = []
     # Undecodable bytes (a non-UTF-8 terminal or file) arrive as lone surrogates, from argv or stdin.
     undecodable = re.compile("[\ud800-\udfff]")
@@ -193,9 +203,10 @@ def export(model: str, /, output: str, for_: Literal["vllm", "gguf"] = "vllm",
 @command
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-          served_model_name: str | None = None, device: str = "cpu", dtype: str | None = None,
+          served_model_name: str | None = None, device: str = "auto", dtype: str = "auto",
           max_body_bytes: int = 2 * 1024 * 1024, log_level: str = "info", max_connections: int | None = None,
-          header_timeout: float = 10.0, keep_alive_timeout: float = 5.0, body_timeout: float = 60.0) -> int:
+          header_timeout: float = 10.0, keep_alive_timeout: float = 5.0, body_timeout: float = 60.0,
+          compile: bool | None = None, prefill_budget: int | None = None) -> int:
     """Serve a model over HTTP: OpenAI-compatible API, TeleChat's endpoints and a web chat page.
 
     Endpoints: GET / (chat page), GET /v1/models, POST /v1/chat/completions, POST /v1/completions
@@ -217,22 +228,25 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
         host: address to bind (127.0.0.1 keeps it on this machine; 0.0.0.0 exposes it).
         port: TCP port (0: any free port).
         api_key: require `Authorization: Bearer KEY` on every endpoint but /health (the page takes it as a Basic-auth password).
-        max_concurrency: sequences decoded together (KV-cache slots).
-        max_queue: requests that may wait for a slot before the server answers 429.
+        max_concurrency: sequences decoded together (KV memory is paged: it grows with the tokens in use).
+        max_queue: requests that may wait for a place before the server answers 429.
         max_model_len: context per sequence (default: the model's).
         served_model_name: the model id clients send (default: the folder name).
-        device: torch device, e.g. cpu or cuda.
-        dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
+        device: torch device, e.g. cpu or cuda (auto: CUDA when present, else cpu).
+        dtype: float32, bfloat16 or float16; auto: bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16,
+            AMX), else float32; "checkpoint" keeps the checkpoint's own.
         max_body_bytes: larger request bodies are refused with 413.
         log_level: uvicorn log level.
         max_connections: open connections at most (default: 1000, or fewer under a low open-files limit).
         header_timeout: seconds a client has to send complete request headers.
         keep_alive_timeout: seconds an idle keep-alive connection stays open.
         body_timeout: seconds a client has to send a request body once its headers are in (else 408).
+        compile: compile the decode step (default: where it is faster; see `telechat chat --help`).
+        prefill_budget: prompt tokens prefilled per engine step (default: adaptive, so a long prompt
+            delays running streams by about one decode step).
     """
     import uvicorn
 
-    from . import load
     from .serve.app import create_app
     from .serve.net import server_config
 
@@ -242,7 +256,9 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
             raise ValueError(f"{flag} must be > 0, got {value}")
     sock = bind_socket(host, port)  # before the model loads: a bad or busy port fails in a second
     try:
-        llm = load(model, device=device, dtype=dtype)
+        llm = _load_for_inference(model, device, dtype, compile)
+        if prefill_budget is not None:
+            llm.engine.configure(prefill_budget=prefill_budget)
         app = create_app(llm, model_name=served_model_name, api_key=api_key,
                          max_concurrency=max_concurrency, max_queue=max_queue, max_model_len=max_model_len,
                          max_body_bytes=max_body_bytes, body_timeout=body_timeout)
@@ -553,7 +569,7 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
           prompt_style: Literal["chat", "plain"] = "chat", max_new_tokens: int | None = None, samples: int = 1,
           pass_k: str = "1", temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
           max_length: int | None = None, stride: int | None = None, timeout: float = 10.0, memory_mb: int = 1024,
-          workers: int = 2, device: str = "cpu", dtype: str | None = None, progress: bool = True) -> int:
+          workers: int = 2, device: str = "auto", dtype: str = "auto", progress: bool = True) -> int:
     """Evaluate a checkpoint on benchmarks in their original file formats; print a markdown table.
 
     Tasks: mmlu (5-shot), ceval (val, 5-shot), cmmlu (5-shot), hellaswag (0-shot, acc and acc_norm),
@@ -591,11 +607,11 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
         timeout: seconds per humaneval program.
         memory_mb: memory limit per humaneval program.
         workers: humaneval programs run at a time.
-        device: torch device.
-        dtype: float32, bfloat16 or float16 (default: the checkpoint's own).
+        device: torch device, e.g. cpu or cuda (auto: CUDA when present, else cpu).
+        dtype: float32, bfloat16 or float16; auto: bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16,
+            AMX), else float32; "checkpoint" keeps the checkpoint's own.
         progress: show progress bars.
     """
-    from . import load
     from .eval.runner import EvalConfig, EvalIncomplete, evaluate, load_tasks, write_report
 
     try:
@@ -611,7 +627,7 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
     # Bad flags, tasks, subjects and data files (and missing packages) fail before the model loads.
     loaded = load_tasks(cfg)
     try:
-        report = evaluate(load(model, device=device, dtype=dtype), cfg, loaded)
+        report = evaluate(_load_for_inference(model, device, dtype, None), cfg, loaded)
     except EvalIncomplete as e:
         done = list(e.report["results"])
         saved = ""
@@ -847,6 +863,8 @@ def check_device(device: str) -> None:
     """ValueError, before any loading, for a device torch does not know or cannot use here."""
     import torch
 
+    if device == "auto":
+        return
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
