@@ -371,7 +371,9 @@ def load_model(path: str | Path, device="cpu", dtype=None, config: TeleChatConfi
     config.torch_dtype = dtype_name(dtype)
     if quant is not None:
         quant.use_kernel(model)
-    return model.eval()
+    from .linear import swap_linears
+
+    return swap_linears(model).eval()  # decode-speed kernels; a 16-bit lm_head under fp32 compute
 
 
 def _quantization(path: Path, model: TeleChat):

@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, dtype_name, load_model, save_model
 from .config import ConfigError, TeleChatConfig, check_int, check_number, preset, read_json
 from .default_model import resolve_model
 from .engine import Engine
+from .linear import swap_linears
 from .generate import SamplingParams, default_max_new_tokens, resolve_params
 from .model import TeleChat
 from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
@@ -39,7 +40,7 @@ class LLM:
 
     def __init__(self, model: TeleChat, tokenizer: Tokenizer | None = None, generation_config: dict | None = None,
                  path: str | Path | None = None):
-        self.model = model
+        self.model = swap_linears(model)
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or default_generation_config(model.config, tokenizer))
         model.generation_config = self.generation_config

@@ -14,32 +14,6 @@ from .kv import causal_mask, sdpa
 from .rope import apply_rope, rope_cos_sin
 
 
-def _upcast_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-class Linear(nn.Linear):
-    # x times a weight of another dtype: a quantized model's lm_head kept 16-bit under fp32 compute.
-    # telechat.quant.kernels installs its native decode kernel here (this file imports nothing of ours).
-    mixed_dtype_linear = staticmethod(_upcast_linear)
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.shape[:-1].numel()
-        if self.weight.dtype != x.dtype and not torch.compiler.is_compiling():
-            return Linear.mixed_dtype_linear(x, self.weight, self.bias)
-        if x.device.type == "cpu" and torch.compiler.is_compiling() and rows == 1:
-            # One-row decode: inductor turns this multiply-reduce into a GEMV that streams the weight
-            # on every core (the BLAS matrix-vector path runs on one), ~2x faster on CPU.
-            y = (x.reshape(1, -1) * self.weight.to(x.dtype)).sum(-1).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        if x.device.type == "cpu" and 1 < rows <= 16 and not torch.compiler.is_compiling():
-            # A few rows (batched decode): W @ x^T takes BLAS's skinny-matrix path, 1.5-3x faster
-            # on CPU than x @ W^T, whose small-M GEMM path is slow.
-            y = torch.mm(self.weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -56,10 +30,10 @@ class Attention(nn.Module):
         super().__init__()
         H, d = config.hidden_size, config.head_dim
         self.n_head, self.n_kv, self.head_dim, self.layer = config.n_head, config.n_kv_head, d, layer
-        self.query = Linear(H, self.n_head * d, bias=config.qkv_bias)
+        self.query = nn.Linear(H, self.n_head * d, bias=config.qkv_bias)
         # Rows interleaved per KV head: [K_h (d rows), V_h (d rows)] for each head h.
-        self.key_value = Linear(H, 2 * self.n_kv * d, bias=config.qkv_bias)
-        self.dense = Linear(self.n_head * d, H, bias=config.bias)
+        self.key_value = nn.Linear(H, 2 * self.n_kv * d, bias=config.qkv_bias)
+        self.dense = nn.Linear(self.n_head * d, H, bias=config.bias)
         self.dropout = config.attention_dropout
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, mask=None, cache=None) -> Tensor:
@@ -81,9 +55,9 @@ class MLP(nn.Module):
     def __init__(self, config: TeleChatConfig):
         super().__init__()
         H, Fd = config.hidden_size, config.ffn_hidden_size
-        self.gate_proj = Linear(H, Fd, bias=False)
-        self.up_proj = Linear(H, Fd, bias=False)
-        self.down_proj = Linear(Fd, H, bias=config.bias)
+        self.gate_proj = nn.Linear(H, Fd, bias=False)
+        self.up_proj = nn.Linear(H, Fd, bias=False)
+        self.down_proj = nn.Linear(Fd, H, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -160,7 +134,7 @@ class TeleChat(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.word_embeddings.weight
         self.generation_config: dict = {}  # filled by the loader; used by `chat`

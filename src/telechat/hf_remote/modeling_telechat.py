@@ -13,10 +13,10 @@ from .configuration_telechat import TelechatConfig
 
 try:  # in a checkpoint folder written by telechat
     from .telechat_config import TeleChatConfig
-    from .telechat_model import Linear, Transformer, causal_lm_loss
+    from .telechat_model import Transformer, causal_lm_loss
 except ImportError:  # inside the telechat package
     from telechat.config import TeleChatConfig
-    from telechat.model import Linear, Transformer, causal_lm_loss
+    from telechat.model import Transformer, causal_lm_loss
 
 
 class TelechatForCausalLM(PreTrainedModel, GenerationMixin):
@@ -34,7 +34,7 @@ class TelechatForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         tc = TeleChatConfig.from_dict({k: v for k, v in config.to_dict().items() if v is not None or k == "base_seqlen"})
         self.transformer = Transformer(tc)
-        self.lm_head = Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        self.lm_head = torch.nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.post_init()
 
     def _init_weights(self, module):

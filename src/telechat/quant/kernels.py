@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..model import Linear, _upcast_linear
+import torch.nn.functional as F
 
 _SOURCE = r"""
 #include <math.h>
@@ -373,7 +373,7 @@ def half_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     rows = x.numel() // K if K else 0
     if (x.dtype != torch.float32 or weight.dtype not in _HALF or x.device.type != "cpu" or not 0 < rows <= MAX_ROWS
             or not weight.is_contiguous() or torch.compiler.is_compiling() or not available()):
-        return _upcast_linear(x, weight, bias)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     xc = x.reshape(rows, K).contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
@@ -381,8 +381,6 @@ def half_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
                             rows, N, K, _HALF[weight.dtype], torch.get_num_threads())
     return y
 
-
-Linear.mixed_dtype_linear = staticmethod(half_linear)
 
 
 @torch.library.custom_op("telechat::qmm", mutates_args=())
