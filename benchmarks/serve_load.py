@@ -1,11 +1,14 @@
-"""Load test of `telechat serve`: rounds of 1, 8 and 32 concurrent streaming chat clients.
+"""Load test of `telechat serve`: rounds of 1, 16 and 32 concurrent streaming chat clients.
 
 Starts the server on loopback (unless --url is given), runs each round for a bounded number of
 requests, and prints generated tokens/s, time to first token p50/p99 and errors, with the
-throughput ratio against the one-client round measured in the same run.
+throughput ratio against the one-client round measured in the same run, and against
+`LLM.generate` on one stream (measured in its own process before the server starts).
+Then the interference round: while 8 streams decode, a ~2,000-token prompt arrives; the table
+gives the streams' median inter-token gap and their worst gap while it is prefilled.
 
-    python benchmarks/serve_load.py                   # default model, levels 1, 8, 32
-    python benchmarks/serve_load.py --levels 1,4 --max-tokens 32
+    python benchmarks/serve_load.py                   # default model, levels 1, 16, 32
+    python benchmarks/serve_load.py --levels 1,4 --max-tokens 32 --no-interference
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 300) 
     raise SystemExit(f"server at {url} not healthy after {timeout}s")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, question: str, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, model: str, question: str, max_tokens: int,
+                      stamps: list | None = None) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -77,8 +81,11 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, question:
                 return {"error": chunk["error"]["message"]}
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - t0
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                if stamps is not None:
+                    stamps.append(time.perf_counter())
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
     if not done:
         return {"error": "stream ended without [DONE]"}
     return {"ttft": ttft if ttft is not None else time.perf_counter() - t0, "tokens": tokens}
@@ -111,16 +118,68 @@ async def run_round(url: str, model: str, clients: int, requests_per_client: int
             "first_error": next((r["error"] for r in results if "error" in r), None)}
 
 
+LONG_TEXT = ("The history of lighthouses begins with fires lit on hilltops to guide ships at night. "
+             "Over the centuries they became towers of stone with lamps, lenses and keepers who lived beside them. ")
+
+
+async def interference(url: str, model: str, streams: int = 8, long_words: int = 1500) -> dict:
+    """Inter-token gaps of `streams` decoding streams, before and while a long prompt is prefilled."""
+    stamps: list[list[float]] = [[] for _ in range(streams)]
+    limits = httpx.Limits(max_connections=streams + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+        tasks = [asyncio.create_task(one_request(client, url, model, QUESTIONS[i % len(QUESTIONS)], 400, stamps[i]))
+                 for i in range(streams)]
+        while min(len(s) for s in stamps) < 10:  # every stream decoding
+            await asyncio.sleep(0.01)
+        words = (LONG_TEXT * 200).split()[:long_words]
+        t_long = time.perf_counter()
+        long = await one_request(client, url, model, " ".join(words) + "\nSummarize this in one word.", 1)
+        t_done = time.perf_counter()
+        await asyncio.sleep(0.5)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    gaps_before, gaps_during = [], []
+    for s in stamps:
+        for a, b in zip(s, s[1:]):
+            (gaps_before if b < t_long else gaps_during if a <= t_done and b >= t_long else []).append(b - a)
+    gaps_before.sort()
+    median = gaps_before[len(gaps_before) // 2] if gaps_before else float("nan")
+    worst = max(gaps_during, default=float("nan"))
+    return {"median_gap": median, "worst_gap": worst, "ratio": worst / median, "long_ttft": long.get("ttft"),
+            "long_error": long.get("error"), "prefill_s": t_done - t_long}
+
+
+def generate_baseline(model: str, max_tokens: int, server_args: list[str]) -> float:
+    """Tokens/s of `LLM.generate` on one chat prompt (prefill included), in its own process."""
+    dtype = server_args[server_args.index("--dtype") + 1] if "--dtype" in server_args else "auto"
+    code = f"""
+import time, telechat
+llm = telechat.load({model!r}, dtype={dtype!r})
+ids = llm.encode_chat({QUESTIONS[0]!r})
+llm.generate([ids], max_new_tokens={max_tokens}, eos_token_id=-1)
+t = time.perf_counter()
+llm.generate([ids], max_new_tokens={max_tokens}, eos_token_id=-1)
+print("RESULT", {max_tokens} / (time.perf_counter() - t))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")).split()[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="checkpoint folder or 'default'")
     ap.add_argument("--url", default=None, help="use a running server instead of starting one")
-    ap.add_argument("--levels", default="1,8,32", help="concurrent clients per round")
+    ap.add_argument("--levels", default="1,16,32", help="concurrent clients per round")
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--server-args", default="", help="extra `telechat serve` flags, e.g. '--dtype bfloat16'")
+    ap.add_argument("--no-interference", action="store_true", help="skip the long-prompt interference round")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the in-process LLM.generate baseline")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    baseline = None if args.no_baseline or args.url else generate_baseline(args.model, args.max_tokens,
+                                                                           args.server_args.split())
 
     proc = None
     url = args.url
@@ -133,14 +192,17 @@ def main() -> None:
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         asyncio.run(run_round(url, model, 1, 1, 8))  # warm-up
         rows = [asyncio.run(run_round(url, model, c, args.requests_per_client, args.max_tokens)) for c in levels]
+        inter = None if args.no_interference else asyncio.run(interference(url, model))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
 
     base = rows[0]["tok_s"]
+    from telechat.device import cpu_summary
+
     print(f"\nserve_load: model {model}, max_tokens {args.max_tokens}, greedy, {args.requests_per_client} "
-          f"requests per client, {os.cpu_count()} CPUs, torch threads default")
+          f"requests per client, {os.cpu_count()} CPUs ({cpu_summary()}), server flags: {args.server_args or 'none'}")
     print(f"| clients | requests | gen tokens | wall s | gen tok/s | vs 1 client | TTFT p50 s | TTFT p99 s | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -149,6 +211,14 @@ def main() -> None:
     for r in rows:
         if r["first_error"]:
             print(f"first error at {r['clients']} clients: {r['first_error']}")
+    if baseline:
+        print(f"\nLLM.generate, one stream in-process: {baseline:.1f} tok/s; 1 client through the server: "
+              f"{rows[0]['tok_s']:.1f} tok/s ({rows[0]['tok_s'] / baseline:.2f}x)")
+    if inter:
+        print(f"\ninterference: 8 streams decoding, a ~2,000-token prompt arrives (prefilled in "
+              f"{inter['prefill_s']:.2f} s, error: {inter['long_error']})")
+        print("| median inter-token gap s | worst gap while it is prefilled s | worst / median |\n|---:|---:|---:|")
+        print(f"| {inter['median_gap']:.3f} | {inter['worst_gap']:.3f} | {inter['ratio']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -657,3 +657,48 @@ def test_chunked_prefill_and_paged_decode_equal_whole_forwards(model, monkeypatc
     for g, w in zip(mine, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     assert rows[1] == reference(model, prompt, SamplingParams(max_new_tokens=6))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# KV memory grows with the tokens in use; admission by free memory; preemption is exact
+# ---------------------------------------------------------------------------------------------
+def test_64_short_chats_on_an_8k_model_hold_what_they_use():
+    llm = telechat.from_preset("tiny", seed=3, seq_length=8192)
+    eng = Engine(llm.model, max_concurrency=64, max_queue=0, compile=False)
+    reached, release = threading.Event(), threading.Event()
+    peak = {}
+
+    def hook(rec, kind, value):
+        if kind == "token" and len(rec.tokens) == 2 and eng.running == 64 and not reached.is_set():
+            peak.update(eng.kv_usage())
+            reached.set()
+    recs = [Rec(eng, f"c{i}", hook=hook) for i in range(64)]
+    for i, r in enumerate(recs):
+        submit(eng, ids(12, 700 + i), SamplingParams(max_new_tokens=4), r, max_len=8192)
+    for r in recs:
+        r.wait()
+    eng.stop()
+    assert reached.is_set() and all(r.final == ("done", "length") for r in recs)
+    positions = peak["allocated_blocks"] * peak["block_size"]
+    assert peak["used_blocks"] == 64  # one 16-token block per chat
+    assert positions <= 64 * 64 < 64 * 8192 // 100  # not 64 x 8K reserved
+
+
+def test_admission_waits_for_kv_memory_and_preemption_recomputes_exactly(model, ref_model):
+    """A pool of 96 positions (6 blocks) cannot hold three 40-token sequences at once: they are
+    admitted as memory allows (or preempted and recomputed when a running one needs a block), and
+    every one still emits exactly what it emits alone."""
+    eng = Engine(model, max_concurrency=3, kv_cache_tokens=96, prefill_budget=512, compile=False)
+    specs = [(ids(20, 800 + i), SamplingParams(max_new_tokens=20)) for i in range(3)]
+    recs = [Rec(eng, f"m{i}") for i in range(3)]
+    for (p, sp), r in zip(specs, recs):
+        submit(eng, p, sp, r)
+    for r in recs:
+        r.wait()
+    eng.stop()
+    for (p, sp), r in zip(specs, recs):
+        assert (r.tokens, r.final) == (reference(ref_model, p, sp)[0], ("done", "length"))
+    assert eng.kv_usage()["allocated_blocks"] <= 7 and eng.stats.preempted >= 1
+    with pytest.raises(ValueError, match="KV memory"):  # can never fit: refused at submit
+        Engine(model, kv_cache_tokens=32, compile=False).submit(
+            Sequence(ids(30, 1), SamplingParams(max_new_tokens=10), lambda *a: None))
