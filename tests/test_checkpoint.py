@@ -91,7 +91,7 @@ def test_save_load_tied_model(tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "lm_head.weight" not in keys and "transformer.word_embeddings.weight" in keys
-    back = telechat.load(tmp_path)
+    back = telechat.load(tmp_path, dtype=None)
     assert back.model.lm_head.weight is back.model.transformer.word_embeddings.weight
     assert torch.equal(logits(llm), logits(back))
 
@@ -160,7 +160,7 @@ def test_official_bin_7b_style(tmp_path):
                             dtype=torch.float16)
     assert "word_embeddings.weight" in sd and "h.0.self_attention.query.weight" in sd
     assert not any(k.startswith(("transformer.", "lm_head")) for k in sd)
-    back = telechat.load(tmp_path)
+    back = telechat.load(tmp_path, dtype=None)
     assert back.config.tie_word_embeddings is True
     assert back.dtype == torch.float16  # stored dtype kept
     m = back.model
@@ -209,7 +209,7 @@ def bf16_dir(tmp_path):
 
 def test_dtype_none_keeps_bf16(bf16_dir):
     path, llm = bf16_dir
-    back = telechat.load(path)
+    back = telechat.load(path, dtype=None)
     assert back.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in back.model.parameters())
     assert_same_state(llm.model, back.model)
@@ -234,7 +234,7 @@ def test_dtype_none_without_torch_dtype_in_config(tmp_path):
     cfg = llm.config.to_dict()
     cfg.pop("torch_dtype", None)
     write_official_bin(llm.model, tmp_path, config=cfg, dtype=torch.bfloat16)
-    assert telechat.load(tmp_path).dtype == torch.bfloat16
+    assert telechat.load(tmp_path, dtype=None).dtype == torch.bfloat16
 
 
 def test_bad_dtype(tiny_dir):

@@ -171,7 +171,9 @@ def _assert_same_run(ref: Path, out: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+# ZeRO 1 stands for 1 and 2 (one optimizer class, one checkpoint format) and 3 for partitioned
+# parameters; ZeRO 0 is plain data parallelism. Each case is three DeepSpeed launches (~70 s here).
+@pytest.mark.parametrize("zero", [1, 3])
 def test_lora_under_deepspeed_resumes_exactly_after_sigkill(sft, tiny_dir, tmp_path, zero):
     pytest.importorskip("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
