@@ -705,7 +705,10 @@ class Engine:
             enable_compile_cache()
             self._compiled = torch.compile(_decode_forward, dynamic=True)
         try:
-            return self._compiled(self.model, ids, cos, sin, step)
+            # Floats (norm eps, dropout p) as constants: otherwise dynamo traces them symbolically,
+            # fails to turn them into tensors and traces the whole model a second time.
+            with torch._dynamo.config.patch(specialize_float=True):
+                return self._compiled(self.model, ids, cos, sin, step)
         except Exception as e:  # a machine without a compiler toolchain: decode eagerly instead
             import warnings
 
