@@ -127,9 +127,11 @@ async def interference(url: str, model: str, streams: int = 8, long_words: int =
     stamps: list[list[float]] = [[] for _ in range(streams)]
     limits = httpx.Limits(max_connections=streams + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
-        tasks = [asyncio.create_task(one_request(client, url, model, QUESTIONS[i % len(QUESTIONS)], 400, stamps[i]))
-                 for i in range(streams)]
-        while min(len(s) for s in stamps) < 10:  # every stream decoding
+        topics = ["a lighthouse keeper", "a lost dog", "a city under the sea", "a robot chef", "a mountain village",
+                  "a time traveller", "a desert caravan", "a space station"]
+        tasks = [asyncio.create_task(one_request(client, url, model, f"Write a long story about {topics[i % 8]}.",
+                                                 400, stamps[i])) for i in range(streams)]
+        while any(len(s) < 10 and not t.done() for s, t in zip(stamps, tasks)):  # every stream decoding
             await asyncio.sleep(0.01)
         words = (LONG_TEXT * 200).split()[:long_words]
         t_long = time.perf_counter()
@@ -150,17 +152,19 @@ async def interference(url: str, model: str, streams: int = 8, long_words: int =
             "long_error": long.get("error"), "prefill_s": t_done - t_long}
 
 
-def generate_baseline(model: str, max_tokens: int, server_args: list[str]) -> float:
-    """Tokens/s of `LLM.generate` on one chat prompt (prefill included), in its own process."""
+def generate_baseline(model: str, max_tokens: int, server_args: list[str], questions: list[str]) -> float:
+    """Tokens/s of `LLM.chat` answering the one-client round's questions in turn (prefill included,
+    stopping where the server's answers stop), in its own process."""
     dtype = server_args[server_args.index("--dtype") + 1] if "--dtype" in server_args else "auto"
     code = f"""
 import time, telechat
 llm = telechat.load({model!r}, dtype={dtype!r})
-ids = llm.encode_chat({QUESTIONS[0]!r})
-llm.generate([ids], max_new_tokens={max_tokens}, eos_token_id=-1)
-t = time.perf_counter()
-llm.generate([ids], max_new_tokens={max_tokens}, eos_token_id=-1)
-print("RESULT", {max_tokens} / (time.perf_counter() - t))
+for q in {questions!r}:
+    llm.chat(q, max_new_tokens={max_tokens})  # warm-up (compiles the decode step)
+n, t = 0, time.perf_counter()
+for q in {questions!r}:
+    n += sum(1 for _ in llm.stream([llm.encode_chat(q)], max_new_tokens={max_tokens}))
+print("RESULT", n / (time.perf_counter() - t))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")).split()[1])
@@ -178,8 +182,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-process LLM.generate baseline")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    baseline = None if args.no_baseline or args.url else generate_baseline(args.model, args.max_tokens,
-                                                                           args.server_args.split())
+    baseline = None if args.no_baseline or args.url else generate_baseline(
+        args.model, args.max_tokens, args.server_args.split(), QUESTIONS[:args.requests_per_client])
 
     proc = None
     url = args.url
@@ -190,8 +194,13 @@ def main() -> None:
     try:
         wait_healthy(url, proc)
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        asyncio.run(run_round(url, model, 1, 1, 8))  # warm-up
-        rows = [asyncio.run(run_round(url, model, c, args.requests_per_client, args.max_tokens)) for c in levels]
+        asyncio.run(run_round(url, model, 1, 1, 8))  # warm-up: compiles the one-row decode step
+        asyncio.run(run_round(url, model, 4, 1, 8))  # and the batched one (any batch size above 1)
+        rows = []
+        for c in levels:
+            rows.append(asyncio.run(run_round(url, model, c, args.requests_per_client, args.max_tokens)))
+            print(f"round of {c} clients: {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors",
+                  file=sys.stderr, flush=True)
         inter = None if args.no_interference else asyncio.run(interference(url, model))
     finally:
         if proc is not None:
@@ -212,7 +221,7 @@ def main() -> None:
         if r["first_error"]:
             print(f"first error at {r['clients']} clients: {r['first_error']}")
     if baseline:
-        print(f"\nLLM.generate, one stream in-process: {baseline:.1f} tok/s; 1 client through the server: "
+        print(f"\nLLM.stream, the same questions in-process: {baseline:.1f} tok/s; 1 client through the server: "
               f"{rows[0]['tok_s']:.1f} tok/s ({rows[0]['tok_s'] / baseline:.2f}x)")
     if inter:
         print(f"\ninterference: 8 streams decoding, a ~2,000-token prompt arrives (prefilled in "

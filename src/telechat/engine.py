@@ -231,8 +231,8 @@ class Engine:
     max_concurrency: sequences running at once. max_queue: waiting requests beyond those.
     max_model_len: cap on prompt + generated tokens (default: the model's context, for sequences
     that give no max_len of their own; set explicitly, it caps every sequence). prefill_budget: prompt tokens per
-    step (None: adaptive, so that a step with prefill costs about twice a decode step while
-    streams are decoding). kv_cache_tokens: the most positions the pool may hold (default:
+    step (None: adaptive, so that a step with prefill costs about two decode steps while streams
+    are decoding). kv_cache_tokens: the most positions the pool may hold (default:
     max_concurrency x max_model_len, within 40% of free memory). compile: "auto", True or False.
     """
 
@@ -528,7 +528,7 @@ class Engine:
             return 2048
         if self._decode_time is None or self._prefill_time is None:
             return 32
-        return int(min(2048, max(8, 1.5 * self._decode_time / self._prefill_time)))
+        return int(min(2048, max(8, self._decode_time / self._prefill_time)))
 
     def _step(self) -> None:
         self._drop_cancelled()
