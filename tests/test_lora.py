@@ -295,3 +295,161 @@ def _edit(folder: Path, **fields) -> None:
 def test_read_adapter_config(trained):
     c = read_adapter_config(trained)
     assert c.r == 4 and c.lora_alpha == 8.0
+
+
+# ---- chat / serve / load with --adapter ----------------------------------------------------------------
+def _greedy(forward, ids: torch.Tensor, n: int) -> list[int]:
+    """Greedy continuation by full forwards, no cache: an engine-free reference."""
+    ids = ids.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, forward(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def chatty(sft, tiny_dir, tmp_path_factory) -> Path:
+    """An adapter trained long and hard enough (100 steps, ~2 s) that the tiny model's chat answer changes
+    from the base's and prints as text."""
+    out = tmp_path_factory.mktemp("lora_chatty") / "run"
+    train(cfg(sft, out, tiny_dir, max_steps=100, learning_rate=0.1, lora_dim=8, lora_scaling=32.0))
+    return latest_checkpoint(out)
+
+
+@pytest.fixture(scope="module")
+def merged_dir(chatty, tiny_dir, tmp_path_factory) -> Path:
+    return telechat.lora.merge(tiny_dir, chatty, tmp_path_factory.mktemp("lora_merged") / "m")
+
+
+def test_load_with_adapter_generates_what_peft_generates(trained, tiny_dir):
+    """`telechat.load(base, adapter=DIR)` merges the update at load; its greedy tokens are those of PEFT's own
+    model over transformers on the same prompt."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir), trust_remote_code=True, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, str(trained)).eval()
+    theirs = _greedy(lambda x: peft_model(input_ids=x).logits, IDS, 12)
+    llm = telechat.load(tiny_dir, dtype=torch.float32, adapter=trained)
+    assert not telechat.lora.lora_layers(llm.model)  # merged: plain layers, nothing per token
+    ours = llm.generate(IDS, max_new_tokens=12, do_sample=False, eos_token_id=-1)[0].tolist()
+    assert ours == theirs
+    base = telechat.load(tiny_dir, dtype=torch.float32).generate(IDS, max_new_tokens=12, do_sample=False,
+                                                                  eos_token_id=-1)[0].tolist()
+    assert base != theirs  # the adapter changes the answer, so the comparison can fail
+
+
+def test_load_with_adapter_over_gptq_keeps_it_beside(trained, int4_dir):
+    from telechat.quant import QuantLinear
+
+    llm = telechat.load(int4_dir, adapter=trained)
+    layer = llm.model.transformer.h[0].self_attention.query
+    assert isinstance(layer.get_base_layer(), QuantLinear) and len(telechat.lora.lora_layers(llm.model)) == 12
+    ref = apply_adapter(telechat.load(int4_dir), trained, merge=False)
+    ours = llm.generate(IDS, max_new_tokens=8, do_sample=False, eos_token_id=-1)[0].tolist()
+    assert ours == _greedy(ref.model, IDS, 8)
+    assert ours != _greedy(telechat.load(int4_dir).model, IDS, 8)
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "telechat.cli", *args, "--threads", "1"], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_chat_cli_with_adapter_answers_as_the_merged_model(chatty, tiny_dir, merged_dir, capsys):
+    q = ["--prompt", "Count to three.", "--max-new-tokens", "12", "--device", "cpu"]
+    r = _cli("chat", "--model", str(tiny_dir), "--adapter", str(chatty), *q)
+    assert r.returncode == 0, r.stderr
+    assert "adapter" in r.stderr and "merged into the weights" in r.stderr
+    assert cli.main(["chat", "--model", str(merged_dir), *q]) == 0
+    merged_answer = capsys.readouterr().out
+    assert cli.main(["chat", "--model", str(tiny_dir), *q]) == 0
+    base_answer = capsys.readouterr().out
+    assert r.stdout == merged_answer and r.stdout.strip()
+    assert base_answer != merged_answer
+
+
+def test_serve_cli_with_adapter_answers(chatty, tiny_dir, merged_dir):
+    import socket
+
+    import httpx
+
+    from conftest import running_server
+
+    body = {"prompt": "Count to three.", "max_tokens": 8, "temperature": 0}
+    answers = {}
+    for name, folder in (("merged", merged_dir), ("base", tiny_dir)):
+        with running_server(telechat.load(folder)) as url:
+            answers[name] = httpx.post(url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+    expected = answers["merged"]
+    assert expected.strip() and expected != answers["base"]
+    with socket.socket() as s:  # a free port, closed again for the server to bind
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "telechat.cli", "serve", "--model", str(tiny_dir), "--adapter",
+                             str(chatty), "--port", str(port), "--log-level", "warning", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, f"telechat serve exited with {proc.returncode}: {proc.stdout.read()}"
+            assert time.time() < deadline, "the server did not come up"
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(base + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def other_shape_adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter for a base of another width (hidden 96, not 64): same module names, other shapes."""
+    from telechat.lora import save_adapter
+
+    llm = telechat.from_preset("tiny", hidden_size=96, n_head=4)
+    config = add_lora(llm.model, 4, 8.0, only_lora=True)
+    return save_adapter(llm.model, config, tmp_path_factory.mktemp("other") / "a")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such folder"),
+    ("file", "not a folder"),
+    ("base", "no adapter_config.json"),  # a model folder, not a PEFT adapter
+    ("other_shape", "lora_A.weight has shape [4, 96], this model needs [4, 64]"),
+])
+def test_chat_and_load_name_a_bad_adapter(tiny_dir, tmp_path, capsys, other_shape_adapter, case, message):
+    bad = {"missing": tmp_path / "nope", "file": tmp_path / "f.json", "base": tiny_dir,
+           "other_shape": other_shape_adapter}[case]
+    (tmp_path / "f.json").write_text("{}")
+    with pytest.raises(AdapterError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        telechat.load(tiny_dir, adapter=bad)
+    assert cli.main(["chat", "--model", str(tiny_dir), "--adapter", str(bad), "--prompt", "hi"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_serve_names_a_bad_adapter(tiny_dir, tmp_path):
+    # a subprocess: a server that ignored the adapter would serve on, and time out here instead of hanging
+    r = _cli("serve", "--model", str(tiny_dir), "--adapter", str(tmp_path / "nope"), "--port", "0", timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "no such folder" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_load_refuses_an_adapter_with_its_own_base_weights(sft, tiny_dir, tmp_path):
+    s = train(cfg(sft, tmp_path / "all", tiny_dir, max_steps=1, only_optimize_lora=False))
+    with pytest.raises(AdapterError, match="trained base weights"):
+        telechat.load(tiny_dir, adapter=s["checkpoint"])
+    llm = telechat.load(s["checkpoint"], adapter=s["checkpoint"])  # its own weights as the base: fine
+    assert torch.isfinite(logits(llm.model)).all()

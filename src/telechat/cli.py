@@ -31,12 +31,17 @@ Ctrl-C stops the answer being written."""
 
 
 # ---- verbs ---------------------------------------------------------------------------------------
-def _load_for_inference(model: str, device: str, dtype: str, compile: bool | None):
+def _load_for_inference(model: str, device: str, dtype: str, compile: bool | None, adapter: str | None = None):
     """Load for chat/serve/eval and say on stderr what runs where (device, dtype, compiled decode)."""
     from . import load
     from .device import describe
 
-    llm = load(model, device=device, dtype=None if dtype == "checkpoint" else dtype)
+    llm = load(model, device=device, dtype=None if dtype == "checkpoint" else dtype, adapter=adapter)
+    if adapter is not None:
+        from .lora import lora_layers
+
+        how = "kept beside the GPTQ layers" if lora_layers(llm.model) else "merged into the weights"
+        print(f"telechat: LoRA adapter {adapter} {how}", file=sys.stderr, flush=True)
     if compile is not None:
         llm.engine.configure(compile=compile)
     print(f"telechat: {describe(llm.device, llm.dtype, llm.engine.compile)}", file=sys.stderr, flush=True)
@@ -47,7 +52,7 @@ def _load_for_inference(model: str, device: str, dtype: str, compile: bool | Non
 def chat(model: str = "default", prompt: str | None = None, device: str = "auto", dtype: str = "auto",
          max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
          top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-         seed: int | None = None, compile: bool | None = None) -> int:
+         seed: int | None = None, compile: bool | None = None, adapter: str | None = None) -> int:
     """Chat with a model: interactive and multi-turn with streaming, or one answer with --prompt.
 
     In the interactive loop, `/help` lists the commands, `/clear` forgets the conversation and
@@ -70,8 +75,12 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "auto"
         seed: random seed, for reproducible sampling.
         compile: run the decode step under torch.compile (default: where it is faster, i.e. on GPUs and
             for float models of 50M+ parameters on CPU; compiled once, then cached on disk).
+        adapter: a LoRA adapter folder (PEFT format, e.g. a checkpoint of `telechat train --lora-dim`)
+            trained on --model. Over a float model it is merged into the weights at load (decoding
+            costs what the base costs; nothing is written); over a GPTQ model it is kept beside the
+            quantized layers (PEFT-style). `telechat merge` writes the merged model to a folder.
     """
-    llm = _load_for_inference(model, device, dtype, compile)
+    llm = _load_for_inference(model, device, dtype, compile, adapter)
     if llm.tokenizer is None:
         raise SystemExit(f"error: {model} has no tokenizer files (tokenizer.model or tokenizer.json), so it cannot chat")
     gen = {k: v for k, v in dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -206,7 +215,7 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
           served_model_name: str | None = None, device: str = "auto", dtype: str = "auto",
           max_body_bytes: int = 2 * 1024 * 1024, log_level: str = "info", max_connections: int | None = None,
           header_timeout: float = 10.0, keep_alive_timeout: float = 5.0, body_timeout: float = 60.0,
-          compile: bool | None = None, prefill_budget: int | None = None) -> int:
+          compile: bool | None = None, prefill_budget: int | None = None, adapter: str | None = None) -> int:
     """Serve a model over HTTP: OpenAI-compatible API, TeleChat's endpoints and a web chat page.
 
     Endpoints: GET / (chat page), GET /v1/models, POST /v1/chat/completions, POST /v1/completions
@@ -244,6 +253,8 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
         compile: compile the decode step (default: where it is faster; see `telechat chat --help`).
         prefill_budget: prompt tokens prefilled per engine step (default: adaptive, so a long prompt
             delays running streams by about one decode step).
+        adapter: a LoRA adapter folder trained on --model, applied at load: merged into the weights of
+            a float model, kept beside the layers of a GPTQ model (see `telechat chat --help`).
     """
     import uvicorn
 
@@ -256,7 +267,7 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
             raise ValueError(f"{flag} must be > 0, got {value}")
     sock = bind_socket(host, port)  # before the model loads: a bad or busy port fails in a second
     try:
-        llm = _load_for_inference(model, device, dtype, compile)
+        llm = _load_for_inference(model, device, dtype, compile, adapter)
         if prefill_budget is not None:
             llm.engine.configure(prefill_budget=prefill_budget)
         app = create_app(llm, model_name=served_model_name, api_key=api_key,

@@ -209,7 +209,8 @@ def _check_generation_value(key: str, value) -> None:
         check_number(key, value, 0, low_open=True)
 
 
-def load(path: str | Path, device: str | torch.device = "auto", dtype="auto") -> LLM:
+def load(path: str | Path, device: str | torch.device = "auto", dtype="auto",
+         adapter: str | Path | None = None) -> LLM:
     """Load a TeleChat checkpoint folder (official layout: .bin or safetensors, sharded or not).
 
     "default" loads the default model (SmolLM2-135M-Instruct, imported once into $TELECHAT_HOME).
@@ -219,11 +220,21 @@ def load(path: str | Path, device: str | torch.device = "auto", dtype="auto") ->
     "float32", "bfloat16", "float16" or a torch dtype converts while loading. Quantized
     checkpoints keep their format (dtype applies to what is not quantized). A folder without
     tokenizer files gives `llm.tokenizer` None.
+
+    adapter: a LoRA adapter folder in PEFT's format (`telechat train --lora-dim`, PEFT's
+    save_pretrained) trained on this base. On a float model its update is merged into the weights
+    at load (W += (alpha / r) * B @ A in fp32: decoding costs what the base costs); on a GPTQ model
+    it is kept beside the quantized layers (PEFT-style wrapping). An adapter that does not fit the
+    base raises `lora.AdapterError` (a ValueError) naming the file, the key and the shapes.
     """
     from .device import resolve_device
 
     device = resolve_device(device)
     path = resolve_model(path)
+    if adapter is not None:  # a bad adapter fails before the base loads
+        from .lora import check_adapter_for
+
+        check_adapter_for(path, adapter)
     model = load_model(path, device=device, dtype=dtype)
     own = _read_generation_config(path)  # checked before the tokenizer, which reads it too
     tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
@@ -233,7 +244,12 @@ def load(path: str | Path, device: str | torch.device = "auto", dtype="auto") ->
         resolve_params(gen, model.config.vocab_size)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / 'generation_config.json'}: {e}") from None
-    return LLM(model, tokenizer, gen, path)
+    llm = LLM(model, tokenizer, gen, path)
+    if adapter is not None:
+        from .lora import apply_adapter
+
+        apply_adapter(llm, adapter)
+    return llm
 
 
 def from_preset(name: str, device="cpu", dtype=torch.float32, seed: int = 0, tokenizer: Tokenizer | None = None,

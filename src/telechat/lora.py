@@ -204,8 +204,10 @@ def read_adapter_config(folder: str | Path):
 
     folder = Path(folder)
     f = folder / ADAPTER_CONFIG
+    if not folder.exists():
+        raise AdapterError(f"--adapter {folder}: no such folder")
     if not folder.is_dir():
-        raise AdapterError(f"--adapter {folder}: not a folder")
+        raise AdapterError(f"--adapter {folder}: not a folder (give the folder holding {ADAPTER_CONFIG})")
     if not f.is_file():
         raise AdapterError(f"{folder}: no {ADAPTER_CONFIG} (not a LoRA adapter folder: written by `telechat train "
                            "--lora-dim` or PEFT's save_pretrained)")
@@ -338,6 +340,17 @@ def unwrapped(model: nn.Module):
 
 
 # ---- whole models ----------------------------------------------------------------------------------
+def check_adapter_for(base: str | Path, adapter: str | Path):
+    """The adapter's config, checked before the base loads: a readable LoRA adapter folder, and not one
+    that carries trained base weights of its own (trained without --only-optimize-lora) over another base."""
+    config = read_adapter_config(adapter)
+    adapter, base = Path(adapter), Path(base)
+    if (adapter / "config.json").exists() and base.resolve() != adapter.resolve():
+        raise AdapterError(f"{adapter} holds trained base weights beside the adapter (trained without "
+                           f"--only-optimize-lora): use it as the base too (--model {adapter}), not {base}")
+    return config
+
+
 def apply_adapter(llm, folder: str | Path, merge: bool | None = None):
     """`llm` with the adapter of `folder` applied, for chat and serve: merged into the weights (no cost
     per token) for a float model, kept beside the layers of a GPTQ model. Returns `llm`."""
@@ -360,9 +373,7 @@ def merge(model: str | Path, adapter: str | Path, output: str | Path) -> Path:
 
     read_adapter_config(adapter)  # a bad adapter fails before the base is loaded
     base = Path(resolve_model(model))
-    if (Path(adapter) / "config.json").exists() and base.resolve() != Path(adapter).resolve():
-        raise AdapterError(f"{adapter} holds trained base weights beside the adapter (trained without "
-                           f"--only-optimize-lora): merge it with --model {adapter}, not {model}")
+    check_adapter_for(base, adapter)
     llm = load(base)
     dtype = llm.dtype
     load_adapter(llm.model, adapter)
