@@ -235,8 +235,13 @@ def test_help_texts_match_the_code(capsys):
 
 
 # ---- no tracebacks for user mistakes (point 4) ----------------------------------------------------
+def _without_setup_line(err: str) -> str:
+    """stderr less the line saying what was loaded where ("telechat: device ... dtype ...")."""
+    return "\n".join(ln for ln in err.strip().splitlines() if not ln.startswith("telechat: device ")).strip()
+
+
 def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
+    err = _without_setup_line(capsys.readouterr().err)
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("error: ")
     return err
@@ -400,7 +405,7 @@ def test_eval_keeps_finished_tasks_when_a_later_one_fails(eval_data, tiny_dir, t
                "--limit", "1", "--max-new-tokens", "4", "--no-progress", "--output", str(out)])
     assert rc == 1
     captured = capsys.readouterr()
-    err = captured.err.strip()
+    err = _without_setup_line(captured.err)
     assert len(err.splitlines()) == 1 and "gsm8k failed: generation broke" in err and str(out) in err
     assert "| mmlu |" in captured.out
     report = json.loads(out.read_text())

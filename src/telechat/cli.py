@@ -80,6 +80,10 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "auto"
             costs what the base costs; nothing is written); over a GPTQ model it is kept beside the
             quantized layers (PEFT-style). `telechat merge` writes the merged model to a folder.
     """
+    # Undecodable bytes (a non-UTF-8 terminal or file) arrive as lone surrogates, from argv or stdin.
+    undecodable = re.compile("[\ud800-\udfff]")
+    if prompt is not None and undecodable.search(prompt):  # before minutes of loading
+        raise ValueError("--prompt is not valid UTF-8 text (it holds bytes that do not decode)")
     llm = _load_for_inference(model, device, dtype, compile, adapter)
     if llm.tokenizer is None:
         raise SystemExit(f"error: {model} has no tokenizer files (tokenizer.model or tokenizer.json), so it cannot chat")
@@ -87,11 +91,7 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "auto"
                                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                                  seed=seed).items() if v is not None}
     history: list[dict] = []
-    # Undecodable bytes (a non-UTF-8 terminal or file) arrive as lone surrogates, from argv or stdin.
-    undecodable = re.compile("[\ud800-\udfff]")
     if prompt is not None:
-        if undecodable.search(prompt):
-            raise ValueError("--prompt is not valid UTF-8 text (it holds bytes that do not decode)")
         for delta in llm.chat(prompt, history, stream=True, **gen):
             print(delta, end="", flush=True)
         print()
