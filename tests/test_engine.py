@@ -664,7 +664,8 @@ def test_chunked_prefill_and_paged_decode_equal_whole_forwards(model, monkeypatc
 # ---------------------------------------------------------------------------------------------
 def test_64_short_chats_on_an_8k_model_hold_what_they_use():
     llm = telechat.from_preset("tiny", seed=3, seq_length=8192)
-    eng = Engine(llm.model, max_concurrency=64, max_queue=0, compile=False)
+    # All submitted before the thread starts, and room to prefill every prompt in the first step.
+    eng = Engine(llm.model, max_concurrency=64, max_queue=0, compile=False, prefill_budget=1024, autostart=False)
     reached, release = threading.Event(), threading.Event()
     peak = {}
 
@@ -675,6 +676,7 @@ def test_64_short_chats_on_an_8k_model_hold_what_they_use():
     recs = [Rec(eng, f"c{i}", hook=hook) for i in range(64)]
     for i, r in enumerate(recs):
         submit(eng, ids(12, 700 + i), SamplingParams(max_new_tokens=4), r, max_len=8192)
+    eng.start()
     for r in recs:
         r.wait()
     eng.stop()
@@ -685,20 +687,23 @@ def test_64_short_chats_on_an_8k_model_hold_what_they_use():
 
 
 def test_admission_waits_for_kv_memory_and_preemption_recomputes_exactly(model, ref_model):
-    """A pool of 96 positions (6 blocks) cannot hold three 40-token sequences at once: they are
-    admitted as memory allows (or preempted and recomputed when a running one needs a block), and
-    every one still emits exactly what it emits alone."""
-    eng = Engine(model, max_concurrency=3, kv_cache_tokens=96, prefill_budget=512, compile=False)
-    specs = [(ids(20, 800 + i), SamplingParams(max_new_tokens=20)) for i in range(3)]
-    recs = [Rec(eng, f"m{i}") for i in range(3)]
+    """A pool of 96 positions (6 blocks) cannot hold three 50-token sequences at once: the third
+    waits for memory at admission, and when the two running ones outgrow the pool one of them is
+    preempted and recomputed later; every one still emits exactly what it emits alone."""
+    eng = Engine(model, max_concurrency=3, kv_cache_tokens=96, prefill_budget=512, compile=False, autostart=False)
+    specs = [(ids(20, 800 + i), SamplingParams(max_new_tokens=30)) for i in range(3)]
+    running: list[int] = []
+    recs = [Rec(eng, f"m{i}", hook=lambda rec, kind, value: running.append(eng.running)) for i in range(3)]
     for (p, sp), r in zip(specs, recs):
         submit(eng, p, sp, r)
+    eng.start()
     for r in recs:
         r.wait()
     eng.stop()
     for (p, sp), r in zip(specs, recs):
         assert (r.tokens, r.final) == (reference(ref_model, p, sp)[0], ("done", "length"))
     assert eng.kv_usage()["allocated_blocks"] <= 7 and eng.stats.preempted >= 1
+    assert max(running) == 2  # the third was not admitted beside the first two
     with pytest.raises(ValueError, match="KV memory"):  # can never fit: refused at submit
         Engine(model, kv_cache_tokens=32, compile=False).submit(
             Sequence(ids(30, 1), SamplingParams(max_new_tokens=10), lambda *a: None))

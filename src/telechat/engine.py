@@ -252,6 +252,7 @@ class Engine:
         self._stopping = False
         self._stopped = False
         self._claimed = False
+        self._pledged = 0
         self._kv: PagedKV | None = None
         self._blocks: BlockTable | None = None
         self._seq_time = 5.0  # moving average of a sequence's running time, for Retry-After
@@ -531,6 +532,7 @@ class Engine:
         return int(min(2048, max(8, self._decode_time / self._prefill_time)))
 
     def _step(self) -> None:
+        self._pledged = 0
         self._drop_cancelled()
         if self._kv is None:
             self._kv = PagedKV(self.model.config, self.model.dtype, self.device, self.block_size,
@@ -568,8 +570,9 @@ class Engine:
             seq = self.waiting[0]
             # Admission by free KV memory: the whole current length, beyond one new block per running row.
             need = -(-(seq.length + 1) // self.block_size)
-            if self._running and self._blocks.available < need + self.running:
+            if self._running and self._blocks.available - self._pledged < need + self.running:
                 return None
+            self._pledged += need  # blocks the sequences admitted in this step will take
             self.waiting.popleft()
             seq.admitted = time.perf_counter()
             self._running.append(seq)
