@@ -788,14 +788,16 @@ class _DeepSpeed(_Plain):
         self.cpu = cfg.device == "cpu"
 
     def close(self) -> None:
-        """Unlink this rank's shared-memory all-reduce buffer, which DeepSpeed's CPU backend leaves in
-        /dev/shm at exit (64 MiB per rank per run), once every rank has it mapped."""
-        if not self.cpu:
-            return
+        """Once every rank is done: unlink this rank's shared-memory all-reduce buffer, which DeepSpeed's
+        CPU backend leaves in /dev/shm at exit (64 MiB per rank per run), and end the process group."""
         self.barrier()
-        name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
-               f"{os.environ.get('MASTER_PORT', '')}_{self.rank}"
-        Path("/dev/shm", name).unlink(missing_ok=True)
+        if self.cpu:
+            name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+                   f"{os.environ.get('MASTER_PORT', '')}_{self.rank}"
+            Path("/dev/shm", name).unlink(missing_ok=True)
+        # An explicit teardown: a gloo group left to the interpreter's exit can abort the rank
+        # ("terminate called without an active exception") after all work is saved.
+        self.dist.destroy_process_group()
 
     def backward(self, loss_sum, tokens: int):
         # The engine would divide by the accumulation steps (scale_wrt_gas=False: it does not) and its
