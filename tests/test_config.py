@@ -99,14 +99,14 @@ def test_rope_base_seqlen_rule():
 def test_rope_scaling_12b_alpha_one_up_to_training_length():
     c = official("12B")
     for L in (1, 7, 512, 4096, 8191, 8192):
-        base, mscale = c.rope_scaling(L)
+        base, mscale, _ = c.rope_scaling(L)
         assert base == pytest.approx(10000.0, rel=1e-12), L
         assert mscale == 1.0, L
 
 
 def test_rope_scaling_12b_just_past_training_length():
     c = official("12B")
-    base, mscale = c.rope_scaling(8193)
+    base, mscale, _ = c.rope_scaling(8193)
     assert base == pytest.approx(10000 * 3 ** (160 / 158), rel=1e-12)
     assert mscale == pytest.approx(0.1 * math.log(8193 / 8192) + 1, rel=1e-12)
     assert mscale > 1.0
@@ -119,7 +119,7 @@ def test_rope_scaling_12b_just_past_training_length():
 def test_rope_scaling_7b_alpha_three_at_short_lengths():
     c = official("7B")
     for L in (1, 100, 4096, 8192):
-        base, mscale = c.rope_scaling(L)
+        base, mscale, _ = c.rope_scaling(L)
         assert base == pytest.approx(10000 * 3 ** (128 / 126), rel=1e-12), L
         assert base == pytest.approx(30528, abs=1.0)
         assert mscale == 1.0
@@ -128,12 +128,12 @@ def test_rope_scaling_7b_alpha_three_at_short_lengths():
 def test_rope_scaling_tiny():
     c = telechat.preset("tiny")
     assert (c.training_seqlen, c.rope_base_seqlen, c.head_dim) == (32, 32, 16)
-    base, mscale = c.rope_scaling(80)
+    base, mscale, _ = c.rope_scaling(80)
     assert base == pytest.approx(10000 * 7 ** (16 / 14), rel=1e-12)  # alpha 7
     assert mscale == pytest.approx(0.1 * math.log(80 / 32) + 1, rel=1e-12)
     # Below the training length: L' = T = B -> alpha 2^1 - 1 = 1, mscale 1.
-    assert c.rope_scaling(5) == (pytest.approx(10000.0), 1.0)
-    assert c.rope_scaling(32) == (pytest.approx(10000.0), 1.0)
+    assert c.rope_scaling(5) == (pytest.approx(10000.0), 1.0, 1.0)
+    assert c.rope_scaling(32) == (pytest.approx(10000.0), 1.0, 1.0)
     # 33..64 -> alpha 3.
     assert c.rope_scaling(33)[0] == pytest.approx(10000 * 3 ** (16 / 14), rel=1e-12)
     assert c.rope_scaling(64)[0] == pytest.approx(10000 * 3 ** (16 / 14), rel=1e-12)

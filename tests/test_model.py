@@ -214,7 +214,7 @@ def test_rope_cos_sin_applies_ntk_base_and_mscale(preset, overrides, total, alph
     c = telechat.preset(preset, **overrides)
     d = c.head_dim
     base = c.rope_theta * alpha ** (d / (d - 2))
-    assert c.rope_scaling(total) == pytest.approx((base, mscale), rel=1e-12)
+    assert c.rope_scaling(total) == pytest.approx((base, mscale, 1.0), rel=1e-12)
     positions = torch.tensor([0, 1, 5, total // 2, total - 1])
     cos, sin = rope_cos_sin(c, positions, total)
     assert cos.shape == sin.shape == (5, d) and cos.dtype == torch.float32

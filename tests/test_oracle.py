@@ -35,7 +35,7 @@ def test_logits_match_published_code(oracle, name):
 def test_long_sequence_uses_ntk_scaling(oracle):
     # 80 tokens with training_seqlen 32: alpha 7 and mscale > 1 must be applied to match.
     llm, v = oracle
-    base, mscale = llm.config.rope_scaling(80)
+    base, mscale, _ = llm.config.rope_scaling(80)
     assert mscale > 1 and base > llm.config.rope_theta
     with torch.inference_mode():
         out = llm.model(v["ids_long"])

@@ -31,12 +31,14 @@ Ctrl-C stops the answer being written."""
 
 
 # ---- verbs ---------------------------------------------------------------------------------------
-def _load_for_inference(model: str, device: str, dtype: str, compile: bool | None, adapter: str | None = None):
+def _load_for_inference(model: str, device: str, dtype: str, compile: bool | None, adapter: str | None = None,
+                        rope_scaling: str | None = None):
     """Load for chat/serve/eval and say on stderr what runs where (device, dtype, compiled decode)."""
     from . import load
     from .device import describe
 
-    llm = load(model, device=device, dtype=None if dtype == "checkpoint" else dtype, adapter=adapter)
+    llm = load(model, device=device, dtype=None if dtype == "checkpoint" else dtype, adapter=adapter,
+               rope_scaling=rope_scaling)
     if adapter is not None:
         from .lora import lora_layers
 
@@ -52,7 +54,8 @@ def _load_for_inference(model: str, device: str, dtype: str, compile: bool | Non
 def chat(model: str = "default", prompt: str | None = None, device: str = "auto", dtype: str = "auto",
          max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
          top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-         seed: int | None = None, compile: bool | None = None, adapter: str | None = None) -> int:
+         seed: int | None = None, compile: bool | None = None, adapter: str | None = None,
+         rope_scaling: Literal["none", "ntk", "ntk-mscale", "dynamic", "yarn"] | None = None) -> int:
     """Chat with a model: interactive and multi-turn with streaming, or one answer with --prompt.
 
     In the interactive loop, `/help` lists the commands, `/clear` forgets the conversation and
@@ -79,12 +82,15 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "auto"
             trained on --model. Over a float model it is merged into the weights at load (decoding
             costs what the base costs; nothing is written); over a GPTQ model it is kept beside the
             quantized layers (PEFT-style). `telechat merge` writes the merged model to a folder.
+        rope_scaling: positions past the training length: none, ntk, ntk-mscale (TeleChat's NTK base and
+            attention scaling), dynamic (transformers' dynamic NTK) or yarn (default: the checkpoint's own,
+            ntk-mscale unless its config.json says otherwise).
     """
     # Undecodable bytes (a non-UTF-8 terminal or file) arrive as lone surrogates, from argv or stdin.
     undecodable = re.compile("[\ud800-\udfff]")
     if prompt is not None and undecodable.search(prompt):  # before minutes of loading
         raise ValueError("--prompt is not valid UTF-8 text (it holds bytes that do not decode)")
-    llm = _load_for_inference(model, device, dtype, compile, adapter)
+    llm = _load_for_inference(model, device, dtype, compile, adapter, rope_scaling)
     if llm.tokenizer is None:
         raise SystemExit(f"error: {model} has no tokenizer files (tokenizer.model or tokenizer.json), so it cannot chat")
     gen = {k: v for k, v in dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -215,7 +221,8 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
           served_model_name: str | None = None, device: str = "auto", dtype: str = "auto",
           max_body_bytes: int = 2 * 1024 * 1024, log_level: str = "info", max_connections: int | None = None,
           header_timeout: float = 10.0, keep_alive_timeout: float = 5.0, body_timeout: float = 60.0,
-          compile: bool | None = None, prefill_budget: int | None = None, adapter: str | None = None) -> int:
+          compile: bool | None = None, prefill_budget: int | None = None, adapter: str | None = None,
+          rope_scaling: Literal["none", "ntk", "ntk-mscale", "dynamic", "yarn"] | None = None) -> int:
     """Serve a model over HTTP: OpenAI-compatible API, TeleChat's endpoints and a web chat page.
 
     Endpoints: GET / (chat page), GET /v1/models, POST /v1/chat/completions, POST /v1/completions
@@ -255,6 +262,8 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
             delays running streams by about one decode step).
         adapter: a LoRA adapter folder trained on --model, applied at load: merged into the weights of
             a float model, kept beside the layers of a GPTQ model (see `telechat chat --help`).
+        rope_scaling: positions past the training length: none, ntk, ntk-mscale, dynamic or yarn
+            (default: the checkpoint's own; see `telechat chat --help`).
     """
     import uvicorn
 
@@ -267,7 +276,7 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
             raise ValueError(f"{flag} must be > 0, got {value}")
     sock = bind_socket(host, port)  # before the model loads: a bad or busy port fails in a second
     try:
-        llm = _load_for_inference(model, device, dtype, compile, adapter)
+        llm = _load_for_inference(model, device, dtype, compile, adapter, rope_scaling)
         if prefill_budget is not None:
             llm.engine.configure(prefill_budget=prefill_budget)
         app = create_app(llm, model_name=served_model_name, api_key=api_key,
@@ -573,14 +582,28 @@ def data_prepare(output: str, tokenizer: str, max_seq_len: int, mode: Literal["s
     return 0
 
 
+def _int_list(flag: str, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {value!r}") from None
+    if not out:
+        raise ValueError(f"{flag} is empty")
+    return out
+
+
 @command
-def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int | None = None,
+def eval_(data_dir: str | None = None, tasks: str = "mmlu", model: str = "default", shots: int | None = None,
           limit: int | None = None, batch_size: int = 8, mode: Literal["loglik", "generate"] = "loglik",
           output: str | None = None, subjects: str | None = None, share_prefix: bool = True,
           prompt_style: Literal["chat", "plain"] = "chat", max_new_tokens: int | None = None, samples: int = 1,
           pass_k: str = "1", temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
           max_length: int | None = None, stride: int | None = None, timeout: float = 10.0, memory_mb: int = 1024,
-          workers: int = 2, device: str = "auto", dtype: str = "auto", progress: bool = True) -> int:
+          workers: int = 2, device: str = "auto", dtype: str = "auto", progress: bool = True,
+          long_text: str | None = None, lengths: str | None = None, rope_scaling: str | None = None,
+          ppl_tail: int = 256, passkey_trials: int = 5) -> int:
     """Evaluate a checkpoint on benchmarks in their original file formats; print a markdown table.
 
     Tasks: mmlu (5-shot), ceval (val, 5-shot), cmmlu (5-shot), hellaswag (0-shot, acc and acc_norm),
@@ -595,8 +618,14 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
     examples are read and checked before the model loads; if a task fails later, the tasks
     finished before it are still printed and written to --output.
 
+
+    Long context (no --data-dir): longppl (perplexity of the last --ppl-tail tokens of each --lengths
+    prefix of --long-text) and passkey (a 5-digit number hidden at --passkey-trials depths of filler
+    text, exact-match recall), one row per length and --rope-scaling mode, printed as tables and
+    written to --output as {"length", "rope_scaling", "ppl"|"accuracy"} rows.
     Args:
-        data_dir: folder with one sub-folder per task (mmlu/, ceval/, gsm8k/, ...).
+        data_dir: folder with one sub-folder per task (mmlu/, ceval/, gsm8k/, ...); not needed by
+            longppl and passkey.
         tasks: comma-separated task names.
         model: checkpoint folder, or "default".
         shots: few-shot examples per prompt (default: each task's own).
@@ -622,6 +651,13 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
         dtype: float32, bfloat16 or float16; auto: bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16,
             AMX), else float32; "checkpoint" keeps the checkpoint's own.
         progress: show progress bars.
+        long_text: longppl's text: a long UTF-8 file (a book, a concatenation of speeches).
+        lengths: comma-separated input lengths in tokens for longppl/passkey (default: 1, 2 and 4 times
+            the model's training length).
+        rope_scaling: comma-separated rotary scalings (none, ntk, ntk-mscale, dynamic, yarn): one row per
+            mode for longppl/passkey; one mode applies to every task (default: the checkpoint's own).
+        ppl_tail: longppl scores this many tokens at the end of each prefix.
+        passkey_trials: passkey prompts per length, the passkey at depths spread from start to end.
     """
     from .eval.runner import EvalConfig, EvalIncomplete, evaluate, load_tasks, write_report
 
@@ -634,11 +670,15 @@ def eval_(data_dir: str, tasks: str = "mmlu", model: str = "default", shots: int
                      prompt_style=prompt_style, max_new_tokens=max_new_tokens, samples=samples, pass_k=ks,
                      temperature=temperature, top_p=top_p, seed=seed, max_length=max_length, stride=stride,
                      timeout=timeout, memory_mb=memory_mb, workers=workers,
-                     subjects=[s.strip() for s in subjects.split(",")] if subjects else None, progress=progress)
+                     subjects=[s.strip() for s in subjects.split(",")] if subjects else None, progress=progress,
+                     long_text=long_text, lengths=_int_list("--lengths", lengths), ppl_tail=ppl_tail,
+                     passkey_trials=passkey_trials,
+                     rope_scaling=[m.strip() for m in rope_scaling.split(",") if m.strip()] if rope_scaling else None)
     # Bad flags, tasks, subjects and data files (and missing packages) fail before the model loads.
     loaded = load_tasks(cfg)
     try:
-        report = evaluate(_load_for_inference(model, device, dtype, None), cfg, loaded)
+        one = cfg.rope_scaling[0] if cfg.rope_scaling and len(cfg.rope_scaling) == 1 else None
+        report = evaluate(_load_for_inference(model, device, dtype, None, rope_scaling=one), cfg, loaded)
     except EvalIncomplete as e:
         done = list(e.report["results"])
         saved = ""

@@ -7,7 +7,7 @@ import os
 import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # Field aliases found in published and transformers-style configs -> our field.
 _ALIASES = {
@@ -17,6 +17,19 @@ _ALIASES = {
     "rms_norm_eps": "layer_norm_epsilon",
 }
 TELECHAT_7B_VOCAB = 160256
+
+# How rotary tables are scaled past the training length (TeleChatConfig.rope_scaling_type):
+# none: plain; ntk: TeleChat's NTK base; ntk-mscale: that plus attention scaling (TeleChat's published
+# code, the default); dynamic: transformers' dynamic NTK; yarn: YaRN (per-frequency interpolation).
+ROPE_SCALING_TYPES = ("none", "ntk", "ntk-mscale", "dynamic", "yarn")
+
+
+class RopeScaling(NamedTuple):
+    """The rotary tables of one total length: frequencies of `base` (YaRN-interpolated for a
+    factor > 1) with cos/sin multiplied by `mscale`."""
+    base: float
+    mscale: float = 1.0
+    yarn_factor: float = 1.0
 
 
 class ConfigError(ValueError):
@@ -138,6 +151,7 @@ class TeleChatConfig:
     pad_token_id: int | None = 3
     unk_token_id: int | None = 0
     torch_dtype: str | None = None
+    rope_scaling_type: str = "ntk-mscale"
     # Every other field of the original config.json, written back unchanged on save.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -157,6 +171,9 @@ class TeleChatConfig:
         for name in ("tie_word_embeddings", "embed_layernorm", "bias", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {_short(getattr(self, name))}")
+        if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+            raise ConfigError(f"rope_scaling_type must be one of {', '.join(ROPE_SCALING_TYPES)}, "
+                              f"got {_short(self.rope_scaling_type)}")
         if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
             raise ConfigError(f"torch_dtype must be a string such as \"float16\", got {_short(self.torch_dtype)}")
         if not isinstance(self.extra, dict):
@@ -181,14 +198,24 @@ class TeleChatConfig:
             return self.base_seqlen
         return 4096 if self.vocab_size == TELECHAT_7B_VOCAB else 8192
 
-    def rope_scaling(self, total_len: int) -> tuple[float, float]:
-        """(rope base, mscale) for a sequence whose total length (past + current) is `total_len`."""
+    def rope_scaling(self, total_len: int) -> RopeScaling:
+        """The rotary scaling for a sequence whose total length (past + current) is `total_len`,
+        by `rope_scaling_type`. With L = max(total_len, training_seqlen) and s = L / training_seqlen:
+        ntk: base theta * alpha^(d/(d-2)), alpha = 2^ceil(log2(L / base_seqlen) + 1) - 1;
+        ntk-mscale: also mscale 0.1 ln(s) + 1 for s > 1; dynamic: base theta * s^(d/(d-2));
+        yarn: YaRN with factor s and mscale 0.1 ln(s) + 1; none: base theta."""
+        mode, d = self.rope_scaling_type, self.head_dim
         length = max(total_len, self.training_seqlen)
+        s = length / self.training_seqlen
+        mscale = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
+        if mode == "none":
+            return RopeScaling(self.rope_theta)
+        if mode == "dynamic":
+            return RopeScaling(self.rope_theta * s ** (d / (d - 2)))
+        if mode == "yarn":
+            return RopeScaling(self.rope_theta, mscale, s)
         alpha = max(1, 2 ** math.ceil(math.log2(length / self.rope_base_seqlen) + 1) - 1)
-        d = self.head_dim
-        base = self.rope_theta * alpha ** (d / (d - 2))
-        mscale = 1.0 if length <= self.training_seqlen else 0.1 * math.log(length / self.training_seqlen) + 1.0
-        return base, mscale
+        return RopeScaling(self.rope_theta * alpha ** (d / (d - 2)), mscale if mode == "ntk-mscale" else 1.0)
 
     def num_parameters(self) -> int:
         H, F, V, L = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.n_layer
@@ -238,6 +265,8 @@ class TeleChatConfig:
                 continue
             v = getattr(self, f.name)
             if f.name in ("base_seqlen", "num_key_value_heads", "torch_dtype") and v is None:
+                continue
+            if f.name == "rope_scaling_type" and v == "ntk-mscale":
                 continue
             if f.name == "rope_theta" and v == 10000.0 and "rope_theta" not in self.extra:
                 continue

@@ -376,7 +376,7 @@ def export_vllm(source: str | Path, output: str | Path) -> Path:
     if c.qkv_bias or not c.bias:
         raise CheckpointError(f"{src}: vLLM's TeleChat2 layout has biases on dense/down_proj only; this model "
                               f"has qkv_bias={c.qkv_bias}, bias={c.bias}")
-    base, mscale = c.rope_scaling(c.training_seqlen)
+    base, mscale, _ = c.rope_scaling(c.training_seqlen)
     assert mscale == 1.0  # by construction of the rule at L' = training_seqlen
     sd = model.state_dict()
     tensors = {k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}

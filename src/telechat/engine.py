@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .generate import RowSettings, SamplingParams, process_rows, sample_rows
-from .kv import PagedKV, PagedStep
+from .kv import PagedKV, PagedStep, prefill_chunk
 from .rope import rope_cos_sin
 
 IDLE_EXIT_SECONDS = 5.0  # the engine thread ends when idle this long (and restarts on the next submit)
@@ -286,16 +286,19 @@ class Engine:
             want = kv_cache_tokens or getattr(self, "_kv_tokens_asked", None) or \
                 self.max_concurrency * self.max_model_len
             self._kv_tokens_asked = kv_cache_tokens or getattr(self, "_kv_tokens_asked", None)
-            bytes_per_token = 2 * self.model.config.n_layer * self.model.config.n_kv_head * \
-                self.model.config.head_dim * torch.finfo(self.model.dtype).bits // 8
             if kv_cache_tokens is None:
-                want = min(want, max(_memory_budget_bytes(self.device) // bytes_per_token, 4 * self.max_model_len))
+                want = min(want, max(_memory_budget_bytes(self.device) // self._bytes_per_token(),
+                                     4 * self.max_model_len))
             self.kv_cache_tokens = int(want)
             if self._kv is not None:
                 self._kv.max_blocks = max(self._kv.max_blocks, self._max_blocks())
         if compile is not None:
             self.compile = default_compile(self.model, self.device) if compile == "auto" else bool(compile)
         return self
+
+    def _bytes_per_token(self) -> int:
+        c = self.model.config
+        return 2 * c.n_layer * c.n_kv_head * c.head_dim * torch.finfo(self.model.dtype).bits // 8
 
     def _max_blocks(self) -> int:
         return -(-self.kv_cache_tokens // self.block_size) + 1
@@ -384,6 +387,12 @@ class Engine:
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
         need = -(-min(limit, len(seq.prompt) + seq.params.max_new_tokens) // self.block_size)
+        if need > self._max_blocks() - 1 and self._kv_tokens_asked is None:
+            # A sequence longer than the default pool (past the model's context, e.g. with RoPE
+            # scaling) grows it, within the memory the pool may take.
+            fits = _memory_budget_bytes(self.device) // self._bytes_per_token()
+            if need * self.block_size <= fits:
+                self.kv_cache_tokens = max(self.kv_cache_tokens, need * self.block_size)  # the pool follows
         if need > self._max_blocks() - 1:
             raise ValueError(f"a sequence of up to {need * self.block_size} tokens needs more KV memory than this "
                              f"engine may use ({self.kv_cache_tokens} positions)")
@@ -531,6 +540,12 @@ class Engine:
             return 32
         return int(min(2048, max(8, self._decode_time / self._prefill_time)))
 
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Prompt tokens of `seq` to prefill now: within the step's budget, and few enough that the
+        chunk's attention over its whole context stays within the scratch memory bound."""
+        n = min(seq.length - seq.computed, budget)
+        return min(n, prefill_chunk(seq.computed + n, self.model.config.n_head))
+
     def _step(self) -> None:
         self._pledged = 0
         self._drop_cancelled()
@@ -538,18 +553,19 @@ class Engine:
             self._kv = PagedKV(self.model.config, self.model.dtype, self.device, self.block_size,
                                max_blocks=self._max_blocks())
             self._blocks = BlockTable(self._kv)
+        self._kv.max_blocks = max(self._kv.max_blocks, self._max_blocks())  # submit may have raised the limit
         plan = [(s, 1) for s in self._running if s.computed == s.length - 1]
         budget = self._budget(len(plan))
         for s in self._running:
             if s.computed < s.length - 1 and budget > 0:
-                n = min(s.length - s.computed, budget)
+                n = self._chunk(s, budget)
                 plan.append((s, n))
                 budget -= n
         while budget > 0 and self.running < self.max_concurrency:
             s = self._admit()
             if s is None:
                 break
-            n = min(s.length - s.computed, budget)
+            n = self._chunk(s, budget)
             plan.append((s, n))
             budget -= n
         ready = []

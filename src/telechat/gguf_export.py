@@ -201,7 +201,7 @@ def export_gguf(source: str | Path, output: str | Path, outtype: str = "f32") ->
     c = model.config
     if c.embed_layernorm:
         raise CheckpointError(f"{src}: embed_layernorm (a norm after the embedding) has no llama.cpp llama equivalent")
-    base, mscale = c.rope_scaling(c.training_seqlen)
+    base, mscale, _ = c.rope_scaling(c.training_seqlen)
     assert mscale == 1.0  # the NTK rule is constant up to training_seqlen
     vocab, tok = tokenizer_vocab(src, c.vocab_size)
     tok_cfg = tok.tokenizer_config

@@ -41,7 +41,7 @@ def merge_key_value(k: torch.Tensor, v: torch.Tensor, config: TeleChatConfig) ->
 def llama_config(config: TeleChatConfig):
     from transformers import LlamaConfig
 
-    base, mscale = config.rope_scaling(config.training_seqlen)
+    base, mscale, _ = config.rope_scaling(config.training_seqlen)
     if mscale != 1.0:
         raise ValueError("this config has NTK scaling at its training length; no plain LLaMA equivalent")
     return LlamaConfig(

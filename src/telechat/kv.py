@@ -17,6 +17,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# Attention scores of one prefill chunk over its whole context are materialised when a mask is needed;
+# chunks are sized so that they stay under this (a 32K-token prompt then needs ~1/4 GB beyond its cache).
+ATTENTION_SCRATCH_BYTES = 256 << 20
+
+
+def prefill_chunk(context: int, n_head: int, budget: int = ATTENTION_SCRATCH_BYTES) -> int:
+    """The most query tokens one prefill chunk attending over `context` keys may hold, so that its
+    fp32 scores [n_head, chunk, context] fit in `budget` bytes (at least 16)."""
+    return max(16, budget // (4 * n_head * max(context, 1)))
+
+
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False,
          dropout: float = 0.0) -> Tensor:
     """SDPA with grouped KV heads; keys/values are cast to the query's dtype."""

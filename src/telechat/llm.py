@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import chat as _chat
 from .checkpoint import CheckpointError, dtype_name, load_model, save_model
-from .config import ConfigError, TeleChatConfig, check_int, check_number, preset, read_json
+from .config import ROPE_SCALING_TYPES, ConfigError, TeleChatConfig, check_int, check_number, preset, read_json
 from .default_model import resolve_model
 from .engine import Engine
 from .linear import swap_linears
@@ -158,7 +158,7 @@ class LLM:
             "layers": c.n_layer, "hidden_size": c.hidden_size, "heads": c.n_head, "kv_heads": c.n_kv_head,
             "head_dim": c.head_dim, "ffn_hidden_size": c.ffn_hidden_size, "vocab_size": c.vocab_size,
             "tied_embeddings": c.tie_word_embeddings, "context": c.seq_length, "training_seqlen": c.training_seqlen,
-            "rope_base_seqlen": c.rope_base_seqlen, "rope_theta": c.rope_theta,
+            "rope_base_seqlen": c.rope_base_seqlen, "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling_type,
             "parameters": sum(p.numel() for p in self.model.parameters()) + quantized,
             "dtype": dtype_name(self.dtype), "device": str(self.device), "chat_format": self.chat_format,
             "quantization": QuantConfig.from_dict(quant, "config.json").describe() if quant else None,
@@ -210,7 +210,7 @@ def _check_generation_value(key: str, value) -> None:
 
 
 def load(path: str | Path, device: str | torch.device = "auto", dtype="auto",
-         adapter: str | Path | None = None) -> LLM:
+         adapter: str | Path | None = None, rope_scaling: str | None = None) -> LLM:
     """Load a TeleChat checkpoint folder (official layout: .bin or safetensors, sharded or not).
 
     "default" loads the default model (SmolLM2-135M-Instruct, imported once into $TELECHAT_HOME).
@@ -226,9 +226,15 @@ def load(path: str | Path, device: str | torch.device = "auto", dtype="auto",
     at load (W += (alpha / r) * B @ A in fp32: decoding costs what the base costs); on a GPTQ model
     it is kept beside the quantized layers (PEFT-style wrapping). An adapter that does not fit the
     base raises `lora.AdapterError` (a ValueError) naming the file, the key and the shapes.
+
+    rope_scaling: how positions past the training length are scaled (none, ntk, ntk-mscale,
+    dynamic, yarn; see `telechat.config.ROPE_SCALING_TYPES`); None keeps the checkpoint's
+    (`rope_scaling_type` in its config.json, else ntk-mscale: what TeleChat's published code does).
     """
     from .device import resolve_device
 
+    if rope_scaling is not None and rope_scaling not in ROPE_SCALING_TYPES:
+        raise ValueError(f"rope_scaling must be one of {', '.join(ROPE_SCALING_TYPES)}, got {rope_scaling!r}")
     device = resolve_device(device)
     path = resolve_model(path)
     if adapter is not None:  # a bad adapter fails before the base loads
@@ -236,6 +242,8 @@ def load(path: str | Path, device: str | torch.device = "auto", dtype="auto",
 
         check_adapter_for(path, adapter)
     model = load_model(path, device=device, dtype=dtype)
+    if rope_scaling is not None:
+        model.config.rope_scaling_type = rope_scaling
     own = _read_generation_config(path)  # checked before the tokenizer, which reads it too
     tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
     gen = default_generation_config(model.config, tokenizer)

@@ -16,6 +16,7 @@ from . import metrics as M
 from .data import LETTERS, DataError, Item
 from .extract import extract_choice, extract_choices
 from .generation import generate_until
+from .long import read_long_text, run_longppl, run_passkey
 from .loglik import LoglikEngine, rolling_windows
 from .sandbox import humaneval_program, run_programs
 from .tasks import Loaded, Task, answer_letters, get_task
@@ -25,7 +26,7 @@ from .tasks import Loaded, Task, answer_letters, get_task
 class EvalConfig:
     """Every setting of a run (all of it is written to the JSON report)."""
     tasks: list[str]
-    data_dir: str
+    data_dir: str | None = None  # needed by every task but the long-context ones
     shots: int | None = None  # None: each task's default
     limit: int | None = None  # items per subject (per task when it has one subject)
     batch_size: int = 8
@@ -45,6 +46,11 @@ class EvalConfig:
     workers: int = 2  # sandbox programs at a time
     subjects: list[str] | None = None  # only these subjects (of tasks that have them)
     progress: bool = True
+    long_text: str | None = None  # longppl: a long UTF-8 text file
+    lengths: list[int] | None = None  # longppl/passkey input lengths (default: 1, 2, 4 x training_seqlen)
+    rope_scaling: list[str] | None = None  # longppl/passkey: one row per mode (None: the checkpoint's own)
+    ppl_tail: int = 256  # longppl: tokens scored at the end of each prefix
+    passkey_trials: int = 5  # passkey: prompts per length (depths spread from start to end)
 
     def validate(self) -> None:
         if self.mode not in ("loglik", "generate"):
@@ -58,10 +64,27 @@ class EvalConfig:
         bad = [k for k in self.pass_k if k < 1 or k > self.samples]
         if bad:
             raise ValueError(f"pass@k needs 1 <= k <= samples ({self.samples}), got k={bad}")
-        if not Path(self.data_dir).is_dir():
-            raise DataError(f"{self.data_dir}: --data-dir is not a folder")
-        for t in self.tasks:
-            get_task(t)
+        kinds = {get_task(t).kind for t in self.tasks}
+        if kinds - {"long"}:
+            if self.data_dir is None:
+                raise DataError(f"--data-dir is needed for {', '.join(t for t in self.tasks if get_task(t).kind != 'long')}")
+            if not Path(self.data_dir).is_dir():
+                raise DataError(f"{self.data_dir}: --data-dir is not a folder")
+        from ..config import ROPE_SCALING_TYPES
+
+        bad = [m for m in self.rope_scaling or [] if m not in ROPE_SCALING_TYPES]
+        if bad:
+            raise ValueError(f"--rope-scaling: {', '.join(bad)} unknown; choose from {', '.join(ROPE_SCALING_TYPES)}")
+        if len(self.rope_scaling or []) > 1 and kinds - {"long"}:
+            raise ValueError("several --rope-scaling modes compare long-context tasks (longppl, passkey) only; "
+                             "evaluate the other tasks with one mode")
+        if any(get_task(t).name == "longppl" for t in self.tasks) and not self.long_text:
+            raise DataError("longppl needs --long-text FILE (a long UTF-8 text: a book, speeches)")
+        if self.ppl_tail < 1 or self.passkey_trials < 1:
+            raise ValueError("ppl_tail and passkey_trials must be >= 1")
+        small = [n for n in self.lengths or [] if n <= self.ppl_tail or n < 64]
+        if small:
+            raise ValueError(f"--lengths must exceed the scored tail of {self.ppl_tail} tokens (and 64), got {small}")
 
 
 class _Bar:
@@ -339,6 +362,36 @@ def _run_ppl(llm, task, subjects, pools, cfg, engine: LoglikEngine) -> tuple[lis
     return records, summary
 
 
+def _run_long(llm, task: Task, cfg: EvalConfig, loaded: Loaded | None) -> dict:
+    t0 = time.time()
+    tok = _tok(llm)
+    T = int(llm.config.training_seqlen)
+    lengths = cfg.lengths or [T, 2 * T, 4 * T]
+    modes = cfg.rope_scaling or [None]
+    bar = _Bar(cfg.progress, len(lengths) * len(modes), f"{task.name}")
+    try:
+        if task.name == "longppl":
+            text = loaded.text if loaded is not None and loaded.text else read_long_text(cfg.long_text)
+            ids = tok.encode(text)
+            if len(ids) < max(lengths):
+                raise DataError(f"{cfg.long_text}: {len(ids)} tokens, fewer than the longest --lengths "
+                                f"({max(lengths)}); give a longer text or shorter lengths")
+            rows = run_longppl(llm, ids, lengths, modes, cfg.ppl_tail, progress=bar)
+        else:
+            rows = run_passkey(llm, lengths, modes, cfg.passkey_trials, cfg.seed, progress=bar)
+    finally:
+        bar.close()
+    metric = task.metrics[0]
+    details = {"training_seqlen": T, "lengths": lengths}
+    if task.name == "longppl":
+        details.update(text=str(cfg.long_text), text_tokens=len(ids), tail=cfg.ppl_tail)
+    else:
+        details["trials"] = cfg.passkey_trials
+    return {"task": task.name, "kind": "long", "mode": "long", "shots": 0, "n": len(rows), "skipped": 0,
+            "metrics": {}, "rows": rows, "metric": metric, "details": details,
+            "seconds": round(time.time() - t0, 3)}
+
+
 # ---- one task, all tasks ----------------------------------------------------------------------------
 def _load(task: Task, cfg: EvalConfig) -> Loaded:
     try:
@@ -368,8 +421,11 @@ def load_tasks(cfg: EvalConfig) -> dict[str, tuple[Task, Loaded]]:
     out: dict[str, tuple[Task, Loaded]] = {}
     for name in cfg.tasks:
         task = get_task(name)
-        loaded = _load(task, cfg)
-        _check_selection(task, loaded, cfg)
+        if task.kind == "long":
+            loaded = Loaded({}, {}, "none", read_long_text(cfg.long_text) if task.name == "longppl" else None)
+        else:
+            loaded = _load(task, cfg)
+            _check_selection(task, loaded, cfg)
         out[task.name] = (task, loaded)
     if cfg.subjects:
         known = {s for _, loaded in out.values() for s in loaded.subjects}
@@ -391,6 +447,8 @@ def check_lengths(llm, cfg: EvalConfig, tasks: dict[str, tuple[Task, Loaded]]) -
     """Generation lengths that leave no room for a prompt fail now, not when their task's turn comes."""
     context = int(llm.config.seq_length)
     for task, _ in tasks.values():
+        if task.kind == "long":
+            continue
         generates = task.kind in ("gen", "code") or (task.kind == "mc" and cfg.mode == "generate")
         max_new = cfg.max_new_tokens or task.max_new_tokens
         if generates and max_new >= context:
@@ -401,6 +459,8 @@ def check_lengths(llm, cfg: EvalConfig, tasks: dict[str, tuple[Task, Loaded]]) -
 def run_task(llm, task: Task, cfg: EvalConfig, engine: LoglikEngine | None = None,
              loaded: Loaded | None = None) -> dict:
     t0 = time.time()
+    if task.kind == "long":
+        return _run_long(llm, task, cfg, loaded)
     if loaded is None:
         loaded = _load(task, cfg)
         _check_selection(task, loaded, cfg)
@@ -500,6 +560,8 @@ def markdown_table(report: dict) -> str:
     for name, r in report["results"].items():
         for m, v in r["metrics"].items():
             lines.append(f"| {name} | {r['mode']} | {r['shots']} | {r['n']} | {m} | {_fmt(m, v)} |")
+    if len(lines) == 2:  # long-context tasks only: their own tables follow
+        lines = []
     rows = []
     for name, r in report["results"].items():
         if r.get("categories"):
@@ -510,7 +572,23 @@ def markdown_table(report: dict) -> str:
                 rows.append(f"| {name} | {s} | {v['n']} | {_fmt('acc', v['acc'])} | {_fmt('acc', v['acc'])} |")
     if rows:
         lines += ["", "| task | category / subject | n | macro | micro |", "|---|---|---|---|---|", *rows]
+    for name, r in report["results"].items():
+        if r.get("kind") == "long":
+            lines += ["", *long_table(r)] if lines else long_table(r)
     return "\n".join(lines)
+
+
+def long_table(result: dict) -> list[str]:
+    """A long-context task's rows as a table: one line per length, one column per rotary scaling."""
+    metric = result["metric"]
+    modes = list(dict.fromkeys(row["rope_scaling"] for row in result["rows"]))
+    cells = {(row["length"], row["rope_scaling"]): row[metric] for row in result["rows"]}
+    lines = [f"| {result['task']} ({metric}) | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for length in dict.fromkeys(row["length"] for row in result["rows"]):
+        vals = [cells.get((length, m)) for m in modes]
+        lines.append(f"| {length} | " + " | ".join("-" if v is None else (f"{v:.3f}" if metric == "ppl" else
+                                                   f"{100 * v:.0f}%") for v in vals) + " |")
+    return lines
 
 
 def write_report(report: dict, path: str | Path) -> Path:

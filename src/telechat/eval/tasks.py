@@ -6,6 +6,8 @@ Kinds:
 - "gen": free-form answers (GSM8K, BBH, MATH, AGIEval cloze) from few-shot chain-of-thought prompts.
 - "code": HumanEval completions executed in the sandbox.
 - "ppl": perplexity (WikiText-2).
+- "long": long context (perplexity by input length, passkey retrieval; `telechat.eval.long`), which
+  read no --data-dir.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Loaded:
     shots: dict[str, list[Item]]
     shots_from: str  # where the examples come from ("dev", "train", "prompt file", "none": the runner
     # then takes the first items of each subject as examples and does not score them)
+    text: str | None = None  # longppl: the long text
 
 
 class Task:
@@ -401,9 +404,21 @@ class WikiText2(Task):
         return Loaded({"wikitext2": D.load_wikitext(self.path(root), "test")}, {}, "none")
 
 
+class LongPPL(Task):
+    """Perplexity of the last tokens of prefixes of --long-text, by length and rotary scaling."""
+    name, kind = "longppl", "long"
+    metrics = ("ppl",)
+
+
+class Passkey(Task):
+    """A 5-digit passkey hidden at several depths of filler text, by length and rotary scaling."""
+    name, kind = "passkey", "long"
+    metrics = ("accuracy",)
+
+
 TASKS: dict[str, Task] = {t.name: t for t in (
     MMLU(), CEval(), CMMLU(), HellaSwag(), CHID(), GSM8K(), BBH(), HumanEval(), WikiText2(),
-    CSL(), EPRSTMT(), AGIEval(), GAOKAO(), MATH())}
+    CSL(), EPRSTMT(), AGIEval(), GAOKAO(), MATH(), LongPPL(), Passkey())}
 
 
 def get_task(name: str) -> Task:
