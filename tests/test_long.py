@@ -246,3 +246,17 @@ def test_eval_long_text_too_short(tiny_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_dir), "--tasks", "longppl", "--long-text", str(text),
                  "--lengths", "300", "--no-progress"]) != 0
     assert "fewer than the longest --lengths (300)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_model_finds_the_passkey_within_its_context(default_llm):
+    """The task can succeed: the default model (trained to 8K) recalls every passkey of 1K-token prompts,
+    and a prompt without the passkey sentence gives no 5-digit answer that matches."""
+    from telechat.eval.long import run_passkey
+
+    rows = run_passkey(default_llm, [1024], [None], trials=3, seed=1)
+    assert rows[0]["accuracy"] == 1.0, rows[0]["items"]
+    assert all(i["answer"].strip().startswith(i["key"]) for i in rows[0]["items"])
+    tok = default_llm.tokenizer
+    blank = tok.encode(tok.decode(passkey_prompt(tok, 1024, 0.5, "12345")).replace("12345", "the number"))
+    assert "12345" not in tok.decode(greedy(default_llm, [blank], 8)[0])

@@ -123,7 +123,8 @@ class DenseStep:
 class PagedKV:
     """A pool of `block_size`-token blocks per layer, [slots, n_kv, d] with slot = block * size + offset.
 
-    Grows on demand (doubling) up to `max_blocks`. Block 0 is scratch: padding rows write there.
+    Grows on demand (by at least a quarter, one layer at a time so that the old and new pools never
+    coexist whole) up to `max_blocks`. Block 0 is scratch: padding rows write there.
     """
 
     def __init__(self, config, dtype: torch.dtype, device, block_size: int = 16, max_blocks: int = 1 << 20,
@@ -141,20 +142,19 @@ class PagedKV:
         return 2 * self.n_layer * self.block_size * self.n_kv * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     def _grow(self, blocks: int) -> None:
-        blocks = min(max(blocks, 2 * self.capacity), self.max_blocks)
+        blocks = min(max(blocks, self.capacity + self.capacity // 4), self.max_blocks)
         if blocks <= self.capacity:
             return
         shape = (blocks * self.block_size, self.n_kv, self.head_dim)
         old = self.capacity * self.block_size
-
-        def grown(t: Tensor | None) -> Tensor:
-            new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if t is not None:
-                new[:old] = t
-            return new
-
-        self.k = [grown(self.k[i] if self.k else None) for i in range(self.n_layer)]
-        self.v = [grown(self.v[i] if self.v else None) for i in range(self.n_layer)]
+        if not self.k:
+            self.k, self.v = [None] * self.n_layer, [None] * self.n_layer
+        for pool in (self.k, self.v):
+            for i, t in enumerate(pool):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if t is not None:
+                    new[:old] = t
+                pool[i] = new  # the old layer is freed here
         self.capacity = blocks
 
     def ensure(self, blocks: int) -> None:
