@@ -81,7 +81,7 @@ class EvalConfig:
         if any(get_task(t).name == "longppl" for t in self.tasks) and not self.long_text:
             raise DataError("longppl needs --long-text FILE (a long UTF-8 text: a book, speeches)")
         if self.ppl_tail < 1 or self.passkey_trials < 1:
-            raise ValueError("ppl_tail and passkey_trials must be >= 1")
+            raise ValueError(f"--ppl-tail and --passkey-trials must be >= 1, got {self.ppl_tail} and {self.passkey_trials}")
         small = [n for n in self.lengths or [] if n <= self.ppl_tail or n < 64]
         if small:
             raise ValueError(f"--lengths must exceed the scored tail of {self.ppl_tail} tokens (and 64), got {small}")
