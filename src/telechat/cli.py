@@ -873,7 +873,7 @@ def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
 NO_THREADS = frozenset({"export"})
 
 # A package the code imports lazily -> the extra that installs it (pyproject's optional-dependencies).
-EXTRAS = {"datatrove": "clean", "jieba": "clean", "xxhash": "clean", "orjson": "clean", "yaml": "clean",
+EXTRAS = {"datatrove": "clean", "jieba": "clean", "xxhash": "clean", "orjson": "clean",
           "zstandard": "clean", "opencc": "clean", "regex": "clean", "pyarrow": "eval", "lm_eval": "eval",
           "deepspeed": "train", "psutil": "bench"}
 VERB_EXTRAS = {"data clean": "clean", "data build-corpus": "clean", "eval": "eval", "train": "train"}
@@ -941,7 +941,9 @@ def missing_package_message(verb: str, e: ModuleNotFoundError) -> str | None:
     return f"error: telechat {verb} needs the {name} package, which is not installed: {how}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(relax_required: bool = False) -> argparse.ArgumentParser:
+    """The `telechat` parser; with relax_required, required flags may be missing (a --config file may hold
+    them; main checks them after merging) and each verb lists them in its `_required` default."""
     parser = argparse.ArgumentParser(prog="telechat", description="TeleChat models: chat, inspect, and more.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     groups: dict[str, Any] = {}
@@ -958,17 +960,134 @@ def build_parser() -> argparse.ArgumentParser:
         p = target.add_parser(verb, help=summary.splitlines()[0], description=summary,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_arguments(p, fn)
+        if relax_required:
+            required = [a for a in p._actions if a.required and a.option_strings]
+            for a in required:
+                a.required = False
+            p.set_defaults(_required=[a.dest for a in required])
         if f"{group} {leaf}".strip() not in NO_THREADS:
             p.add_argument("--threads", type=int, default=None, dest="_threads", metavar="N",
                            help=f"CPU threads for the computation (default: the cores available, "
                                 f"here {available_cores()}, or $OMP_NUM_THREADS)")
-        p.set_defaults(_fn=fn, _verb=f"{group} {leaf}".strip())
+        if "config" not in inspect.signature(fn).parameters:  # `data clean --config` is its pipeline's file
+            p.add_argument("--config", dest="_config", metavar="FILE.yaml",
+                           help="read this verb's options from a YAML mapping (keys: the flag names, e.g. "
+                                "max-steps: 100 or max_steps: 100); flags on the command line win")
+            p.add_argument("--print-config", dest="_print_config", action="store_true",
+                           help="print the options (after --config and the flags) as YAML and exit")
+        p.set_defaults(_fn=fn, _verb=f"{group} {leaf}".strip(), _parser=p)
     return parser
 
 
+def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """A verb's own options by dest (the function's parameter names), without help/--threads/--config."""
+    return {a.dest: a for a in parser._actions if a.dest and not a.dest.startswith("_") and a.option_strings
+            and a.dest != "help"}
+
+
+def _config_value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
+    """`value` from a config file, checked and converted as the flag's own argument would be."""
+    where = f"--config {path}: {key}"
+    if value is None:
+        if action.default is None:
+            return None
+        raise ValueError(f"{where}: null is not allowed here (default: {action.default!r})")
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+
+    def one(v: Any) -> Any:
+        tp = action.type or str
+        if isinstance(v, (dict, list)) or isinstance(v, bool) and tp is not str:
+            raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {v!r}")
+        if tp is float and isinstance(v, int):
+            v = float(v)
+        if not isinstance(v, tp):
+            try:
+                v = tp(v if tp is str else str(v))
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {v!r}") from None
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f"{where}: expected one of {', '.join(map(str, action.choices))}, got {v!r}")
+        return v
+
+    if action.nargs == "+":
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise ValueError(f"{where}: expected at least one value, got an empty list")
+        return [one(v) for v in items]
+    return one(value)
+
+
+def read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """A verb's options from a YAML file: {dest: value}, each checked like the flag it stands for."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values, got a "
+                         f"{type(data).__name__}")
+    actions = _option_actions(parser)
+    by_flag = {a.option_strings[0].lstrip("-"): d for d, a in actions.items()}  # --x, not --no-x
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).strip().lstrip("-").replace("_", "-")
+        dest = by_flag.get(name)
+        if dest is None:
+            known = ", ".join(sorted(a.option_strings[0].lstrip("-") for a in actions.values()))
+            raise ValueError(f"--config {path}: unknown option {key!r} for this verb (known: {known})")
+        if dest in values:
+            raise ValueError(f"--config {path}: option {key!r} is given twice")
+        values[dest] = _config_value(path, str(key), actions[dest], value)
+    return values
+
+
+def config_yaml(parser: argparse.ArgumentParser, args: dict[str, Any]) -> str:
+    """The verb's options as YAML that --config reads back."""
+    import yaml
+
+    out = {}
+    for dest, action in _option_actions(parser).items():
+        if dest in args:
+            out[action.option_strings[0].lstrip("-")] = args[dest]
+    return yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    relax = any(a in ("--config", "--print-config") or a.startswith("--config=") for a in argv)
+    parser = build_parser(relax_required=relax)
     args = vars(parser.parse_args(argv))
+    config, print_config = args.pop("_config", None), args.pop("_print_config", False)
+    verb_parser, required = args.pop("_parser", None), args.pop("_required", [])
+    if config is not None:
+        try:
+            values = read_config(config, verb_parser)
+        except OSError as e:
+            print(f"error: --config {config}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        except (ValueError, ModuleNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        verb_parser.set_defaults(**values)  # parsing again: what argv gives wins, as with any default
+        args = vars(parser.parse_args(argv))
+        for key in ("_config", "_print_config", "_parser", "_required"):
+            args.pop(key, None)
+    if print_config:
+        print(config_yaml(verb_parser, args), end="")
+        return 0
+    missing = [_option_actions(verb_parser)[d].option_strings[0] for d in required if args.get(d) is None]
+    if missing:
+        verb_parser.error(f"the following arguments are required: {', '.join(missing)}")
     fn = args.pop("_fn", None)
     group = args.pop("_group", None)
     verb = args.pop("_verb", "")
