@@ -303,6 +303,33 @@ def test_output_folder_replaced_or_refused(tmp_path):
     assert corpus.read_text(encoding="utf-8") == CORPUS
 
 
+@pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_output_gets_the_umask_modes_and_killed_runs_are_cleaned(tmp_path, umask, dir_mode, file_mode):
+    """The folder is made with mkdir's modes, not mkdtemp's 0700; a killed run's temporary is removed."""
+    import os
+    import stat
+    import subprocess
+
+    from telechat.checkpoint import temp_name
+
+    corpus = _write(tmp_path / "c.txt", CORPUS)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / temp_name("out").replace(f".{os.getpid()}.", f".{dead.pid}.", 1)
+    stale.mkdir()
+    (stale / "tokenizer.json").write_text("partial")
+    old = os.umask(umask)
+    try:
+        out = tt.train_tokenizer([corpus], tmp_path / "out", vocab_size=500)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {
+        n: file_mode for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "out"]
+
+
 def test_official_12b_has_the_same_special_names():
     """Our names are the official 12B SentencePiece pieces (ids differ: ours are packed at the front)."""
     from conftest import shared_path

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, remove_stale_temps, temp_name
 from .config import TeleChatConfig
 
 OUTTYPES = ("f32", "bf16", "f16", "q8_0")
@@ -212,7 +212,8 @@ def export_gguf(source: str | Path, output: str | Path, outtype: str = "f32") ->
     del model
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_stale_temps(out.parent)  # what killed exports left here
+    tmp = out.with_name(temp_name(out.name))
     try:
         w = gguf.GGUFWriter(str(tmp), "llama", use_temp_file=True)
         w.add_name(src.name if str(source) != "default" else "default")

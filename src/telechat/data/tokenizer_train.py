@@ -26,7 +26,6 @@ import gzip
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -204,16 +203,18 @@ def _check_output(output: Path) -> None:
 def _write_output(tok, output: Path, model_max_length: int) -> None:
     """Write the three files into a temporary sibling folder, then move it into place."""
     _check_output(output)
+    from ..checkpoint import make_temp_dir, remove_stale_temps, temp_name
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    remove_stale_temps(output.parent)  # what killed runs left here
+    tmp = make_temp_dir(output.parent, output.name)  # the umask's modes, not mkdtemp's 0700
     try:
         tok.save(str(tmp / "tokenizer.json"))
         for name, content in (("tokenizer_config.json", tokenizer_config(model_max_length)),
                               ("special_tokens_map.json", special_tokens_map())):
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if output.exists():  # an empty folder or an older tokenizer: swap it out, then delete it
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            old.rmdir()
+            old = output.parent / temp_name(output.name)
             os.rename(output, old)
             try:
                 os.rename(tmp, output)

@@ -10,8 +10,8 @@ any program code runs, with the kernel's mechanisms, each where the kernel grant
 - Landlock: reads limited to the same paths, writes to the work dir; TCP, signals and abstract
   sockets to outside the sandbox denied (as far as the kernel's Landlock version goes);
 - a seccomp filter: no fork/vfork/execve/clone of processes (threads are fine), no signals to
-  other processes (kill/tgkill/F_SETOWN), no ptrace, no sockets (only AF_UNIX socketpair), no
-  mount/unshare/setns/bpf/io_uring/keyctl;
+  other processes (kill/tgkill, SIGIO owners by F_SETOWN or the FIOSETOWN/SIOCSPGRP ioctls), no
+  ptrace, no sockets (only AF_UNIX socketpair), no mount/unshare/setns/bpf/io_uring/keyctl;
 - rlimits (memory, CPU seconds, file size, open files, no core dumps), PR_SET_PDEATHSIG, and the
   parent kills the whole process group at the wall-clock timeout; in a PID namespace the kernel
   also kills every process of the namespace when its init (the bootstrap's supervisor) dies.
@@ -70,7 +70,7 @@ NS = (("user", 0x10000000), ("mount", 0x00020000), ("pid", 0x20000000), ("net", 
       ("ipc", 0x08000000), ("uts", 0x04000000))
 ARCH = {"x86_64": dict(audit=0xc000003e, fork=57, vfork=58, execve=59, execveat=322, clone=56, kill=62, tkill=200,
                        tgkill=234, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, ptrace=101, process_vm_readv=310,
-                       process_vm_writev=311, fcntl=72, socket=41, socketpair=53, prctl=157, setsid=112,
+                       process_vm_writev=311, fcntl=72, ioctl=16, socket=41, socketpair=53, prctl=157, setsid=112,
                        setpgid=109, mount=165, umount2=166, pivot_root=155, chroot=161, unshare=272, setns=308,
                        bpf=321, perf_event_open=298, keyctl=250, add_key=248, request_key=249, userfaultfd=323,
                        open_by_handle_at=304,
@@ -79,7 +79,8 @@ ARCH = {"x86_64": dict(audit=0xc000003e, fork=57, vfork=58, execve=59, execveat=
                        quotactl=179),
         "aarch64": dict(audit=0xc00000b7, execve=221, execveat=281, clone=220, kill=129, tkill=130, tgkill=131,
                         rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, ptrace=117, process_vm_readv=270,
-                        process_vm_writev=271, fcntl=25, socket=198, socketpair=199, prctl=167, setsid=157, setpgid=154,
+                        process_vm_writev=271, fcntl=25, ioctl=29, socket=198, socketpair=199, prctl=167, setsid=157,
+                        setpgid=154,
                         mount=40, umount2=39, pivot_root=41, chroot=51, unshare=97, setns=268, bpf=280,
                         perf_event_open=241, keyctl=219, add_key=217, request_key=218, userfaultfd=282,
                         open_by_handle_at=265, name_to_handle_at=264, kexec_load=104, kexec_file_load=294,
@@ -258,6 +259,7 @@ def seccomp():
         "socketpair": [ld(16), jeq(1, 0, 1), allow, eperm],  # AF_UNIX pairs only (asyncio needs one)
         "prctl": [ld(16), jeq(1, 0, 1), eperm, allow],  # not PR_SET_PDEATHSIG
         "fcntl": [ld(24), jeq(8, 2, 0), jeq(15, 1, 0), allow, eperm],  # no F_SETOWN(_EX): SIGIO to others
+        "ioctl": [ld(24), jeq(0x8901, 2, 0), jeq(0x8902, 1, 0), allow, eperm],  # nor FIOSETOWN/SIOCSPGRP
     }
     prog = [ld(4), jeq(nrs["audit"], 1, 0), kill, ld(0)]
     if "fork" in nrs:  # x86_64: no x32 system calls
