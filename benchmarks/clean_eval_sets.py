@@ -13,7 +13,8 @@ sentences of the clean text of the same language, labelled with the stage that s
 Selection: answers that are only a program (no prose) are left out; answers and documents of at least 80 characters (zh) or 60 words (en), cut to 6,000
 characters at a paragraph break; exact duplicates (after whitespace removal) dropped; at most
 --per-source documents per source. Each record: id, data, lang, label (clean | junk), kind,
-source, expect (junk: the stage that should remove it), split (calib | heldout, by a hash of the
+source, expect (junk: the stage that should remove it), expect_rule (junk: the rule, as a pattern
+of its removal reasons), split (calib | heldout, by a hash of the
 id: thresholds are chosen on calib, figures reported on heldout).
 
     python benchmarks/clean_eval_sets.py --output /tmp/clean-eval        # writes eval.jsonl there
@@ -283,7 +284,8 @@ def build(shared: Path = SHARED, cache: Path | None = None, per_source: int = 15
             for i in range(junk_per_kind):
                 text = synth.junk_document(kind, lang, rng, mat)
                 records.append({"id": f"junk/{lang}/{kind}/{i}", "data": text, "lang": lang, "label": "junk",
-                                "kind": kind, "source": "synth", "expect": expect[lang]})
+                                "kind": kind, "source": "synth", "expect": expect[lang],
+                                "expect_rule": synth.JUNK_RULES[kind][lang]})
     for r in records:
         r["split"] = split_of(r["id"])
     return records

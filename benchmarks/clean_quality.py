@@ -8,8 +8,9 @@ the removed-documents sidecar on). Printed per language, for the chosen split:
                   rule, with examples
   junk removed    share of junk documents removed (recall), per junk kind, and the share removed by
                   the stage the kind is labelled with
-  near-dups       edited copies (5% of the characters (zh) or words (en) replaced, inserted or
-                  deleted) of a third of the clean documents: copies caught, unique documents kept
+  near-dups       edited copies (5% of the characters replaced, inserted or deleted; English
+                  words instead with --en-edit-unit words) of a third of the clean documents:
+                  copies caught, unique documents kept
 
 The thresholds of clean.yaml were chosen on the calibration split (--split calib --calibrate
 prints the statistics they were read from); the figures to quote are the held-out split's.
@@ -127,16 +128,49 @@ def report_quality(records: list[dict], kept: set[str], removed: dict[str, dict]
         n_rm = sum(k for _, k, _ in jk.values())
         print(f"  {'all':<20} {n_rm:>4}/{n_junk:<4} {n_rm / max(1, n_junk):7.1%}")
         figures[lang] = {"clean_kept": n_kept / max(1, n_clean), "clean": n_clean, "junk_removed": n_rm / max(1, n_junk),
-                         "junk": n_junk}
+                         "junk": n_junk, "rules": per_rule(lang, clean, junk, kept, removed)}
     return figures
+
+
+def per_rule(lang: str, clean: list[dict], junk: list[dict], kept: set[str], removed: dict[str, dict]) -> dict:
+    """Per rule: the junk documents labelled with it (removed at all, removed by it) and the clean
+    documents it removed (false positives); rules no junk is labelled with get a row of their own."""
+    import re
+
+    from telechat.data.clean.synth import JUNK_RULES
+
+    def rule_of(r):
+        return r.get("expect_rule") or JUNK_RULES[r["kind"]][lang]
+
+    reason = lambda r: removed.get(r["id"], {}).get("reason", "missing")  # noqa: E731
+    patterns = sorted({rule_of(r) for r in junk})
+    rows = {}
+    for pat in patterns:
+        made = [r for r in junk if rule_of(r) == pat]
+        gone = [r for r in made if r["id"] not in kept]
+        by_it = [r for r in gone if re.fullmatch(pat, reason(r))]
+        fps = [r for r in clean if r["id"] not in kept and re.fullmatch(pat, reason(r))]
+        rows[pat] = {"junk": len(made), "removed": len(gone), "by_rule": len(by_it), "clean_removed": len(fps)}
+    for r in clean:
+        if r["id"] not in kept and not any(re.fullmatch(p, reason(r)) for p in patterns):
+            row = rows.setdefault(reason(r), {"junk": 0, "removed": 0, "by_rule": 0, "clean_removed": 0})
+            row["clean_removed"] += 1
+    print(f"-- {lang}: per rule: junk labelled with it removed (recall) and removed by it; clean removed by it")
+    print(f"  {'rule':<32} {'junk':>5} {'removed':>8} {'by rule':>8} {'clean removed':>14}")
+    for name, row in rows.items():
+        n = row["junk"]
+        rec = f"{row['removed'] / n:8.1%} {row['by_rule'] / n:8.1%}" if n else f"{'-':>8} {'-':>8}"
+        print(f"  {name:<32} {n:>5} {rec} {row['clean_removed']:>5} ({row['clean_removed'] / max(1, len(clean)):.2%})")
+    return rows
 
 
 def junk_expect(junk: list[dict], kind: str) -> str:
     return next(r["expect"] for r in junk if r["kind"] == kind)
 
 
-def near_duplicates(records: list[dict], folder: Path, workers: int, per_lang: int, rate: float, seed: int) -> dict:
-    """Copies with `rate` of their characters edited, of a third of the clean documents."""
+def near_duplicates(records: list[dict], folder: Path, workers: int, per_lang: int, rate: float, seed: int,
+                    en_unit: str = "chars") -> dict:
+    """Copies with `rate` of their characters (English: `en_unit`) edited, of a third of the clean documents."""
     from telechat.data.clean import synth
 
     rng = random.Random(seed)
@@ -147,8 +181,9 @@ def near_duplicates(records: list[dict], folder: Path, workers: int, per_lang: i
         for i, r in enumerate(clean[:per_lang]):
             docs.append({"id": f"{r['id']}#0", "data": r["data"], "lang": lang})
             group.append(r["id"])
-            if i % 3 == 0:  # Chinese: characters edited; English: words (a character is not a word there)
-                edited = edit_chars(r["data"], rng, rate) if lang == "zh" else edit_words(r["data"], rng, rate)
+            if i % 3 == 0:
+                words = lang == "en" and en_unit == "words"
+                edited = edit_words(r["data"], rng, rate) if words else edit_chars(r["data"], rng, rate)
                 docs.append({"id": f"{r['id']}#1", "data": edited, "lang": lang})
                 group.append(r["id"])
     order = list(range(len(docs)))
@@ -180,7 +215,7 @@ def near_duplicates(records: list[dict], folder: Path, workers: int, per_lang: i
         pair_kept = sum(1 for g in planted if kept[g] >= 1)
         res[lang] = {"copies": len(planted), "caught": caught / max(1, len(planted)),
                      "unique_kept": unique_kept / max(1, len(unique)), "originals_kept": pair_kept / max(1, len(planted))}
-        unit = "characters" if lang == "zh" else "words"
+        unit = "words" if lang == "en" and en_unit == "words" else "characters"
         print(f"  {lang}: {len(planted)} edited copies ({rate:.0%} of the {unit}): caught {res[lang]['caught']:.1%}; "
               f"unique documents kept {unique_kept}/{len(unique)} ({res[lang]['unique_kept']:.1%}); "
               f"one of each pair kept {res[lang]['originals_kept']:.1%}")
@@ -265,6 +300,8 @@ def main(argv=None) -> int:
     ap.add_argument("--near-dup-docs", type=int, default=450, help="clean documents per language for the near-dup run")
     ap.add_argument("--edit-rate", type=float, default=0.05)
     ap.add_argument("--near-dup-only", action="store_true")
+    ap.add_argument("--en-edit-unit", default="chars", choices=["chars", "words"],
+                    help="what the English near-duplicates' edits change (Chinese: always characters)")
     ap.add_argument("--calibrate", action="store_true", help="also print the statistics the thresholds were read from")
     ap.add_argument("--offline", action="store_true", help="building the set: shared files only, no registries")
     ap.add_argument("--seed", type=int, default=0)
@@ -304,7 +341,8 @@ def main(argv=None) -> int:
             kept, removed = run_set(records, Path(tmp) / "quality", a.workers)
             figures = report_quality(records, kept, removed)
         print(f"\n== near-duplicates (default config, rules off, {a.near_dup_docs} clean documents per language)")
-        figures["near_dup"] = near_duplicates(records, Path(tmp) / "near", a.workers, a.near_dup_docs, a.edit_rate, a.seed)
+        figures["near_dup"] = near_duplicates(records, Path(tmp) / "near", a.workers, a.near_dup_docs, a.edit_rate, a.seed,
+                                             a.en_edit_unit)
     print(f"\nsummary: {json.dumps(figures)}")
     print(f"({time.perf_counter() - t0:.0f}s)")
     return 0

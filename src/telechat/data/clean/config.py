@@ -19,6 +19,7 @@ _CHOICES = {
     ("normalize", "nfkc"): ("safe", "full", "off"),
     ("normalize", "punctuation"): ("contextual", "halfwidth", "keep"),
     ("dedup", "minhash", "zh_shingles"): ("char", "jieba"),
+    ("dedup", "minhash", "en_shingles"): ("char", "word"),
     ("gopher_quality_en", "tokenizer"): ("regex", "spacy"),
     ("gopher_repetition_en", "tokenizer"): ("regex", "spacy"),
     ("output", "compression"): (None, "gzip", "zstd"),

@@ -1,9 +1,9 @@
 """Exact and MinHash-LSH deduplication on datatrove's dedup stages, with Chinese-aware shingles.
 
 Exact: the hash of the normalised text (lower case, no punctuation, whitespace or diacritics).
-MinHash: word n-grams for English; character n-grams (or jieba word n-grams) for Chinese, where
-words are not separated by spaces and datatrove's default English word shingles would see one
-"word" per sentence.
+MinHash: character n-grams (or jieba word n-grams) for Chinese, where words are not separated by
+spaces and datatrove's default English word shingles would see one "word" per sentence; character
+(or word) n-grams for English.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def lsh_threshold(num_buckets: int, hashes_per_bucket: int) -> float:
 
 class ChineseAwareMinhashSignature(MinhashDedupSignature):
     """datatrove's MinHash stage 1 with per-document shingles: a text whose characters are mostly
-    Han gets character (or jieba word) n-grams, anything else word n-grams."""
+    Han gets character (or jieba word) n-grams, anything else character (or word) n-grams."""
 
     name = "🎯 MinHash signatures (zh-aware)"
 
@@ -49,6 +49,7 @@ class ChineseAwareMinhashSignature(MinhashDedupSignature):
 
         super().__init__(output_folder, config=minhash_config(mcfg), language=RegexWordTokenizer())
         self.zh_shingles, self.zh_ngram, self.en_ngram = mcfg["zh_shingles"], mcfg["zh_ngram"], mcfg["en_ngram"]
+        self.en_shingles = mcfg.get("en_shingles", "word")
 
     def shingle_strings(self, text: str) -> list[str]:
         s = simplify_text(text, self.config.norm_config)
@@ -62,8 +63,11 @@ class ChineseAwareMinhashSignature(MinhashDedupSignature):
             chars = s.replace(" ", "")
             k = self.zh_ngram
             return [chars[i:i + k] for i in range(max(1, len(chars) - k + 1))] if chars else []
-        words = s.split()
         k = self.en_ngram
+        if self.en_shingles == "char":  # a misspelt word then breaks k shingles, not the k word n-grams around it
+            text = " ".join(s.split())
+            return [text[i:i + k] for i in range(max(1, len(text) - k + 1))] if text else []
+        words = s.split()
         return [" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))] if words else []
 
     def get_shingles(self, text: str) -> np.ndarray:

@@ -173,7 +173,7 @@ def plan(cfg: dict, files: list[str], output: str, tasks: int, workers: int, cla
         first_name = "near-dup"
         info["dedup"] = {"minhash_threshold": round(lsh_threshold(mh["num_buckets"], mh["hashes_per_bucket"]), 3),
                          "num_buckets": mh["num_buckets"], "hashes_per_bucket": mh["hashes_per_bucket"],
-                         "zh_shingles": f"{mh['zh_shingles']} {mh['zh_ngram']}-grams", "en_shingles": f"word {mh['en_ngram']}-grams"}
+                         "zh_shingles": f"{mh['zh_shingles']} {mh['zh_ngram']}-grams", "en_shingles": f"{mh['en_shingles']} {mh['en_ngram']}-grams"}
 
     q = cfg["quality"]
     ppl, clf = q["perplexity"], q["classifier"]

@@ -168,6 +168,22 @@ JUNK_KINDS = {
     "pii_laden": {"zh": "pii", "en": "pii"},
     "sensitive_words": {"zh": "sensitive_words", "en": "sensitive_words"},
 }
+# The rule each junk kind is made to trip, as a pattern of the removal reasons that rule gives (the
+# reason names of rules.py and datatrove's Gopher filters): what the per-rule recall of
+# benchmarks/clean_quality.py counts against. PII is masked, not removed: a pii_laden document that
+# another rule removes counts as removed, not as removed by "pii".
+JUNK_RULES = {
+    "repeated_lines": {"zh": r"zh_dup_line_(char_)?fraction", "en": r"dup_line_(char_)?frac"},
+    "repeated_paragraphs": {"zh": r"zh_dup_para_(char_)?fraction", "en": r"dup_para_(char_)?frac"},
+    "generation_loop": {"zh": r"zh_dup_\d+_gram", "en": r"duplicated_\d+_n_grams"},
+    "keyword_stuffing": {"zh": r"zh_top_\d+_gram", "en": r"top_\d+_gram"},
+    "boilerplate": {"zh": "boilerplate", "en": "boilerplate"},
+    "mojibake": {"zh": "zh_mojibake", "en": "en_mojibake"},
+    "symbol_soup": {"zh": "zh_symbols", "en": "en_symbols"},
+    "digit_soup": {"zh": "zh_digits", "en": "en_digits"},
+    "pii_laden": {"zh": "pii", "en": "pii"},
+    "sensitive_words": {"zh": "sensitive_words", "en": "sensitive_words"},
+}
 _ZH_SENT = __import__("re").compile(r"[^。！？!?\n]+[。！？!?]*")
 _EN_SENT = __import__("re").compile(r"[^.!?\n]+[.!?]*")
 _SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈"
