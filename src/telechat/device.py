@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -59,3 +60,22 @@ def describe(device: torch.device, dtype: torch.dtype, compiled: bool) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_summary()})"
     return f"device {device} [{where}], dtype {str(dtype).removeprefix('torch.')}, " \
            f"compiled decode {'on' if compiled else 'off'}"
+
+
+def release_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). glibc keeps
+    freed memory otherwise, and long prefills leave it fragmented: resident memory then grows with the
+    number of chunks, not with what is in use."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None)

@@ -33,9 +33,13 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from .device import release_heap
 from .generate import RowSettings, SamplingParams, process_rows, sample_rows
 from .kv import PagedKV, PagedStep, prefill_chunk
 from .rope import rope_cos_sin
+
+# Past this many positions, a CPU prefill step hands freed heap memory back (device.release_heap).
+LONG_PREFILL = 4096
 
 IDLE_EXIT_SECONDS = 5.0  # the engine thread ends when idle this long (and restarts on the next submit)
 
@@ -575,6 +579,8 @@ class Engine:
         ready = [(s, n) for s, n in ready if s in self._running]  # a later reservation may preempt
         if ready:
             self._forward(ready)
+            if self.device.type == "cpu" and any(n > 1 and s.computed >= LONG_PREFILL for s, n in ready):
+                release_heap()  # each chunk of a long prompt would otherwise leave the heap larger
 
     def _admit(self) -> Sequence | None:
         with self._cond:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ROPE_SCALING_TYPES
+from ..device import release_heap
+from ..engine import LONG_PREFILL
 from ..kv import DenseKV, prefill_chunk
 from ..rope import rope_cos_sin
 from .data import DataError
@@ -81,6 +83,8 @@ def tail_perplexity(model, ids: list[int], tail: int = 256) -> float:
         if len(sel):
             nll += float(F.cross_entropy(logits[0].float(), tokens[sel + 1], reduction="sum"))
         start = stop
+        if stop >= LONG_PREFILL:
+            release_heap()  # as the engine does: freed chunk temporaries would otherwise pile up
     return math.exp(nll / tail)
 
 

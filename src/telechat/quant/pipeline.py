@@ -8,9 +8,7 @@ activations, and the quantized model being built; the float model is never whole
 """
 from __future__ import annotations
 
-import ctypes
 import gc
-import sys
 from pathlib import Path
 
 import torch
@@ -163,9 +161,7 @@ def _quantize_blocks(out: TeleChat, tensors: dict, qcfg: QuantConfig, ids: torch
 def _release_freed_memory() -> None:
     """Hand freed heap memory back to the OS. glibc keeps it otherwise, and each block's float weights,
     Hessians and GPTQ temporaries leave fragments that add up to hundreds of MB of resident memory."""
+    from ..device import release_heap
+
     gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    release_heap()
