@@ -61,6 +61,9 @@ def _read(path: Path) -> list[dict]:
     return out
 
 
+OVERRIDES: dict = {}  # config changes from the command line (--en-shingles)
+
+
 def run_set(records: list[dict], folder: Path, workers: int) -> tuple[set[str], dict[str, dict]]:
     """(ids kept, {id: removal record}) after the default pipeline."""
     from telechat.data.clean import run_clean
@@ -71,7 +74,7 @@ def run_set(records: list[dict], folder: Path, workers: int) -> tuple[set[str], 
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     out = folder / "out"
-    run_clean(str(src / "eval.jsonl"), out, {"output": {"write_removed": True}}, workers=workers)
+    run_clean(str(src / "eval.jsonl"), out, {"output": {"write_removed": True}, **OVERRIDES}, workers=workers)
     kept = {r["id"] for r in _read(out)}
     removed = {r["id"]: r for r in _read(out / "removed")}
     return kept, removed
@@ -201,7 +204,7 @@ def near_duplicates(records: list[dict], folder: Path, workers: int, per_lang: i
     off = {s: {"enabled": False} for s in ("rules_zh", "rules_en", "gopher_quality_en", "gopher_repetition_en",
                                            "boilerplate", "sensitive_words")}
     off["language"] = {"keep": ["zh", "en"]}
-    run_clean(str(src / "*.jsonl"), folder / "out", off, workers=workers)
+    run_clean(str(src / "*.jsonl"), folder / "out", {**off, **OVERRIDES}, workers=workers)
     kept = Counter(r["id"].split("#")[0] for r in _read(folder / "out"))
     size = Counter(d["id"].split("#")[0] for d in docs)
     del synth
@@ -300,6 +303,7 @@ def main(argv=None) -> int:
     ap.add_argument("--near-dup-docs", type=int, default=450, help="clean documents per language for the near-dup run")
     ap.add_argument("--edit-rate", type=float, default=0.05)
     ap.add_argument("--near-dup-only", action="store_true")
+    ap.add_argument("--en-shingles", choices=["word", "char"], help="dedup.minhash.en_shingles (default: the config's)")
     ap.add_argument("--en-edit-unit", default="chars", choices=["chars", "words"],
                     help="what the English near-duplicates' edits change (Chinese: always characters)")
     ap.add_argument("--calibrate", action="store_true", help="also print the statistics the thresholds were read from")
@@ -307,6 +311,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     print(machine_line())
+    if a.en_shingles:
+        OVERRIDES["dedup"] = {"minhash": {"en_shingles": a.en_shingles}}
     t0 = time.perf_counter()
     if a.eval:
         with open(a.eval, encoding="utf-8") as f:

@@ -102,6 +102,9 @@ def validate(cfg: dict) -> None:
     for k in ("num_buckets", "hashes_per_bucket", "zh_ngram", "en_ngram"):
         if not isinstance(mh[k], int) or mh[k] < 1:
             raise DataError(f"config: dedup.minhash.{k} must be a positive integer, got {mh[k]!r}")
+    vj = mh.get("verify_jaccard")
+    if vj is not None and (isinstance(vj, bool) or not isinstance(vj, (int, float)) or not 0 < vj <= 1):
+        raise DataError(f"config: dedup.minhash.verify_jaccard must be a number in (0, 1] or null, got {vj!r}")
     ppl = cfg["quality"]["perplexity"]
     if not set(ppl["keep_buckets"]) <= {"head", "middle", "tail"}:
         raise DataError(f"config: quality.perplexity.keep_buckets may hold head, middle, tail, got {ppl['keep_buckets']}")

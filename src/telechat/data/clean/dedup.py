@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.text import TextNormConfig, simplify_text
@@ -50,6 +51,30 @@ class ChineseAwareMinhashSignature(MinhashDedupSignature):
         super().__init__(output_folder, config=minhash_config(mcfg), language=RegexWordTokenizer())
         self.zh_shingles, self.zh_ngram, self.en_ngram = mcfg["zh_shingles"], mcfg["zh_ngram"], mcfg["en_ngram"]
         self.en_shingles = mcfg.get("en_shingles", "word")
+        self.keep_full = mcfg.get("verify_jaccard") is not None  # whole signatures for MinhashVerify
+        self._full, self._rank, self._doc = None, 0, -1
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        def counted(docs):
+            for i, doc in enumerate(docs):
+                self._doc = i  # datatrove's doc_idx for the signature computed next
+                yield doc
+
+        self._rank = rank
+        try:
+            return super().run(counted(data) if data is not None else data, rank, world_size)
+        finally:
+            if self._full is not None:
+                self._full.close()
+                self._full = None
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        sig = super().get_signature(shingles)
+        if self.keep_full:
+            if self._full is None:
+                self._full = self.output_folder.open(full_signature_file(self._rank), mode="wb")
+            self._full.write(np.uint32(self._doc).tobytes() + np.asarray(sig, dtype="<u8").tobytes())
+        return sig
 
     def shingle_strings(self, text: str) -> list[str]:
         s = simplify_text(text, self.config.norm_config)
@@ -74,3 +99,54 @@ class ChineseAwareMinhashSignature(MinhashDedupSignature):
         h = self._hash_func
         grams = set(self.shingle_strings(text))
         return np.fromiter((h(g.encode("utf-8")) for g in grams), dtype=np.uint64, count=len(grams)).reshape((-1, 1))
+
+
+def full_signature_file(rank: int) -> str:
+    return f"full/{rank:05d}.sig"
+
+
+class MinhashVerify(PipelineStep):
+    """Between datatrove's bucket and cluster stages: keep a candidate pair of the LSH bands only if the
+    whole signatures of its two documents agree on at least `min_jaccard` of their hashes (an estimate
+    of their Jaccard similarity). A band's few hashes also collide now and then for texts that merely
+    share a topic (long speeches under character shingles); those pairs are dropped here."""
+
+    name = "🔎 MinHash pair check"
+    type = "🫂 - DEDUPS"
+
+    def __init__(self, sigs_folder: str, buckets_folder: str, hashes: int, min_jaccard: float):
+        from datatrove.io import get_datafolder
+
+        super().__init__()
+        self.sigs, self.buckets = get_datafolder(sigs_folder), get_datafolder(buckets_folder)
+        self.record = np.dtype([("doc", "<u4"), ("sig", "<u8", (hashes,))])  # as get_signature writes them
+        self.min_jaccard = min_jaccard
+
+    @staticmethod
+    def _read(folder, name: str) -> bytes:
+        with folder.open(name, "rb") as f:
+            return f.read()
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from datatrove.pipeline.dedup.minhash import SENTINEL
+
+        with self.track_time():
+            files = self.buckets.list_files(glob_pattern="*.dups")
+            pairs = {name: np.frombuffer(self._read(self.buckets, name), dtype="<u4").reshape(-1, 4) for name in files}
+            needed: dict[int, set[int]] = {}
+            for p in pairs.values():
+                real = p[p[:, 0] != SENTINEL]
+                for f, d in np.concatenate([real[:, :2], real[:, 2:]]).tolist():
+                    needed.setdefault(f, set()).add(d)
+            full: dict[tuple[int, int], np.ndarray] = {}
+            for f, docs in needed.items():  # one task's signatures at a time, keeping the paired documents'
+                rows = np.frombuffer(self._read(self.sigs, full_signature_file(f)), dtype=self.record)
+                at = {int(doc): i for i, doc in enumerate(rows["doc"])}
+                full.update({(f, d): rows["sig"][at[d]].copy() for d in docs})
+            for name, p in pairs.items():
+                keep = np.array([f1 == SENTINEL or np.mean(full[(f1, d1)] == full[(f2, d2)]) >= self.min_jaccard
+                                 for f1, d1, f2, d2 in p.tolist()], dtype=bool)
+                self.stat_update("candidate_pairs", value=len(p))
+                self.stat_update("pairs_dropped", value=int((~keep).sum()))
+                with self.buckets.open(name, "wb") as out:
+                    out.write(np.ascontiguousarray(p[keep] if len(p) else p).tobytes())
