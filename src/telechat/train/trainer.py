@@ -25,7 +25,6 @@ import torch
 
 from ..checkpoint import load_model
 from ..data.prepare import load_prepared, tokenizer_fingerprint
-from ..device import release_heap
 from ..llm import LLM, default_generation_config, from_preset, load
 from ..model import packed_labels
 from ..tokenizer import load_tokenizer
@@ -1039,8 +1038,6 @@ def train(cfg: TrainConfig) -> dict:
                 runner.backward(loss, n_loss)
                 runner.micro_step()
                 loss_sum += float(loss.detach())
-                if cfg.device == "cpu":
-                    release_heap()  # the freed activations, or glibc's fragments of them add up over the steps
             grad_norm = runner.step()
             loss_sum = runner.sum([loss_sum])[0]
             dt = time.perf_counter() - t0
