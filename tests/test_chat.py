@@ -1,6 +1,8 @@
 """Chat format (spec section 4): prompt ids, truncation, system turn, chat()/stream, published calling convention."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -217,20 +219,46 @@ def test_stream_matches_non_stream_sampled(tiny):
     assert tiny.chat("abc", [], **kw)[0] == answer  # the seed makes it reproducible
 
 
-def test_published_calling_convention(tiny):
-    expected = tiny.chat("问题", [])
-    got = tiny.model.chat(tiny.tokenizer, "问题", [], generation_config=tiny.generation_config)
-    assert got == expected
-    assert got[1][-1] == {"role": "bot", "content": got[0]}
-    it = tiny.model.chat(tiny.tokenizer, "问题", [], generation_config=tiny.generation_config, stream=True)
-    assert "".join(it) == expected[0]
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_dir):
+    """The tiny checkpoint through transformers' Auto classes (the folder's own remote code)."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, trust_remote_code=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir, trust_remote_code=True)
+    return model, tok
 
 
-def test_generation_config_argument_overrides(tiny):
-    gc = dict(tiny.generation_config, max_new_tokens=2)
-    a2, _ = tiny.model.chat(tiny.tokenizer, "x", [], generation_config=gc)
-    a8, _ = tiny.chat("x", [], max_new_tokens=8)
-    assert len(tiny.tokenizer.encode(a2)) < len(tiny.tokenizer.encode(a8))
+def test_module_keeps_no_chat_state(tiny):
+    """Chat and sampling defaults belong to the LLM, not to the nn.Module (issue 16, point 6)."""
+    assert not hasattr(tiny.model, "chat") and not hasattr(tiny.model, "generation_config")
+
+
+def test_published_calling_convention(tiny, hf_tiny):
+    """`model.chat(tokenizer, question, history, generation_config)` on the transformers model gives
+    what our engine gives (greedy), streamed or not, with and without history."""
+    model, tok = hf_tiny
+    gc = dict(tiny.generation_config, do_sample=False, repetition_penalty=1.0, max_new_tokens=8)
+    expected, hist = tiny.chat("问题", [], do_sample=False, repetition_penalty=1.0, max_new_tokens=8)
+    assert expected  # the tiny model says something
+    got = model.chat(tok, "问题", [], generation_config=gc)
+    assert got == (expected, hist) and got[1][-1] == {"role": "bot", "content": expected}
+    assert "".join(model.chat(tok, "问题", [], generation_config=gc, stream=True)) == expected
+    expected2, _ = tiny.chat("再来", list(hist), do_sample=False, repetition_penalty=1.0, max_new_tokens=8)
+    history = list(hist)
+    assert model.chat(tok, "再来", history, generation_config=gc)[0] == expected2 and len(history) == 4
+    # the prompt itself, turn by turn, is ours (TeleChat's <_user> q <_bot> a <_end> ...)
+    remote = sys.modules[type(model).__module__]
+    assert remote._chat_ids(tok, "再来", list(hist)) == tiny.encode_chat("再来", list(hist))
+
+
+def test_generation_config_argument_overrides(tiny, hf_tiny):
+    model, tok = hf_tiny
+    gc = dict(tiny.generation_config, do_sample=False, max_new_tokens=2)
+    a2, _ = model.chat(tok, "x", [], generation_config=gc)
+    a8, _ = model.chat(tok, "x", [], generation_config=gc, max_new_tokens=8)
+    assert a2 and a8.startswith(a2) and len(a8) > len(a2)  # greedy: the longer answer goes on from the shorter
+    with pytest.raises(TypeError, match="nonsense"):
+        model.chat(tok, "q", [], generation_config=gc, nonsense=True)
 
 
 def test_answer_never_contains_end(tiny):
@@ -274,8 +302,6 @@ def test_unknown_generation_kwargs(tiny):
         tiny.chat("q", tempreature=0.5)
     with pytest.raises(TypeError, match="bogus"):
         tiny.chat("q", stream=True, bogus=1)
-    with pytest.raises(TypeError):
-        tiny.model.chat(tiny.tokenizer, "q", [], generation_config=tiny.generation_config, nonsense=True)
 
 
 def test_chat_needs_tokenizer(tiny):

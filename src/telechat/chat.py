@@ -128,8 +128,8 @@ def encode_conversation(tokenizer: Tokenizer, question: str, history: list[dict]
     raise ValueError("this tokenizer has neither TeleChat's <_user>/<_bot> tokens nor a chat_template")
 
 
-def _gen_defaults(model, generation_config) -> dict:
-    defaults = dict(getattr(model, "generation_config", {}) or {})
+def _gen_defaults(generation_config) -> dict:
+    defaults: dict = {}
     if generation_config is not None:
         gc = generation_config if isinstance(generation_config, dict) else (
             generation_config.to_dict() if hasattr(generation_config, "to_dict") else vars(generation_config))
@@ -157,7 +157,7 @@ def stream_chat(model, tokenizer: Tokenizer, question: str, history: list[dict] 
     `engine`: the engine to run on (an LLM's own; default a new one for this model).
     """
     history_list = history if history is not None else []
-    defaults = _gen_defaults(model, generation_config)
+    defaults = _gen_defaults(generation_config)
     context = int(defaults.get("max_length") or model.config.seq_length)
     max_new = kwargs.pop("max_new_tokens", None)
     # Room for the answer, but never so much that the question itself gets cut.

@@ -43,7 +43,6 @@ class LLM:
         self.model = swap_linears(model)
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or default_generation_config(model.config, tokenizer))
-        model.generation_config = self.generation_config
         self.path = Path(path) if path is not None else None
         self._engine: Engine | None = None
 
@@ -127,8 +126,8 @@ class LLM:
     def chat(self, question: str, history: list[dict] | None = None, stream: bool = False, **generation_kwargs):
         """`(answer, history)`; with `stream=True`, an iterator of text increments (history is
         extended when it is exhausted). History: [{"role": "user"|"bot"|"assistant", "content": str}]."""
-        return _chat.chat(self.model, self.tokenizer, question, history, stream=stream, engine=self.engine,
-                          **generation_kwargs)
+        return _chat.chat(self.model, self.tokenizer, question, history, generation_config=self.generation_config,
+                          stream=stream, engine=self.engine, **generation_kwargs)
 
     def encode_chat(self, question: str, history: list[dict] | None = None, max_length: int | None = None) -> list[int]:
         return _chat.encode_conversation(self.tokenizer, question, history, max_length)

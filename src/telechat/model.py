@@ -137,7 +137,6 @@ class TeleChat(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.word_embeddings.weight
-        self.generation_config: dict = {}  # filled by the loader; used by `chat`
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,14 +159,6 @@ class TeleChat(nn.Module):
             select = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
         return self.lm_head(self.transformer(input_ids, cache=cache, attention_mask=attention_mask, rope=rope,
                                              segment_ids=segment_ids, select=select))
-
-    def chat(self, tokenizer, question: str, history=None, generation_config=None, stream: bool = False, **kwargs):
-        """The published calling convention: `model.chat(tokenizer, question, history, generation_config)`."""
-        try:  # absolute import: this file also travels as transformers remote code
-            from telechat.chat import chat
-        except ImportError as e:
-            raise RuntimeError("model.chat needs the telechat package (pip install telechat)") from e
-        return chat(self, tokenizer, question, history, generation_config=generation_config, stream=stream, **kwargs)
 
 
 class PackedSegments:
