@@ -347,8 +347,8 @@ def main(argv=None) -> int:
             kept, removed = run_set(records, Path(tmp) / "quality", a.workers)
             figures = report_quality(records, kept, removed)
         print(f"\n== near-duplicates (default config, rules off, {a.near_dup_docs} clean documents per language)")
-        figures["near_dup"] = near_duplicates(records, Path(tmp) / "near", a.workers, a.near_dup_docs, a.edit_rate, a.seed,
-                                             a.en_edit_unit)
+        figures["near_dup"] = near_duplicates(records, Path(tmp) / "near", a.workers, a.near_dup_docs, a.edit_rate,
+                                              a.seed, a.en_edit_unit)
     print(f"\nsummary: {json.dumps(figures)}")
     print(f"({time.perf_counter() - t0:.0f}s)")
     return 0

@@ -259,6 +259,8 @@ def test_generation_config_argument_overrides(tiny, hf_tiny):
     assert a2 and a8.startswith(a2) and len(a8) > len(a2)  # greedy: the longer answer goes on from the shorter
     with pytest.raises(TypeError, match="nonsense"):
         model.chat(tok, "q", [], generation_config=gc, nonsense=True)
+    with pytest.raises(ValueError, match="penalty"):  # raised in the caller, streamed too (no hang)
+        "".join(model.chat(tok, "q", [], generation_config=gc, stream=True, repetition_penalty=-1.0))
 
 
 def test_answer_never_contains_end(tiny):

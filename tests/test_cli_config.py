@@ -72,6 +72,7 @@ def test_print_config_reads_back_to_the_same_options(tmp_path, capsys):
     ("sym: yes please\n", "sym: expected true or false"),
     ("no-sym: true\n", "unknown option 'no-sym'"),
     ("seed: null\n", "seed: null is not allowed"),
+    ("calib: yes\n", "calib: expected str, got True (quote it for text)"),
     ("- bits: 4\n", "expected a mapping of option names to values, got a list"),
     ("bits: [4\n", "not valid YAML"),
     ("bits: 4\nbits: 8\n", None),  # YAML keeps the last; not an error of ours

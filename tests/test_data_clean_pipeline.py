@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("datatrove")
@@ -238,7 +239,8 @@ def test_slurm_executor_chain(tmp_path):
     for st in stages:
         prev = make_executor(st, "slurm", cfg, str(tmp_path / "out" / ".work"), 2, depends=prev)
         assert isinstance(prev, SlurmPipelineExecutor) and prev.tasks == st.tasks
-    assert [s.name for s in stages] == ["filter", "exact-find", "exact", "minhash-buckets", "minhash-verify", "minhash-cluster",
+    assert [s.name for s in stages] == ["filter", "exact-find", "exact", "minhash-buckets", "minhash-verify",
+                                        "minhash-cluster",
                                         "near-dup", "report"]
     assert stages[3].tasks == 30 and stages[0].tasks == 4
     with pytest.raises(DataError, match="partition"):
@@ -269,8 +271,9 @@ def _edit_chars(text: str, rng: random.Random, rate: float) -> str:
 def test_near_duplicates_of_real_text_at_five_percent(tmp_path, en_edits):
     """Issue 20's target on real documents (the labelled fixture's clean prose): copies with 5% of the
     characters edited (English: of the words, or of the characters with `en_shingles: char`) are caught
-    >= 90%, documents without a copy all kept. Prose only: a table's copy with 5% of its characters edited keeps less of its n-grams (Jaccard
-    about 0.5, at the LSH threshold); benchmarks/clean_quality.py measures every kind on the large set.)"""
+    >= 90%, documents without a copy all kept. Prose only: a table's copy with 5% of its characters
+    edited keeps less of its n-grams (Jaccard about 0.5, at the LSH threshold);
+    benchmarks/clean_quality.py measures every kind on the large set."""
     data = Path(__file__).parent / "data" / "clean_eval_small.jsonl"
     docs = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
     rng = random.Random(5)
@@ -283,7 +286,8 @@ def test_near_duplicates_of_real_text_at_five_percent(tmp_path, en_edits):
         group.append(g)
         if i % 2 == 0:
             chars = d["lang"] == "en" and en_edits == "chars"
-            edited = _edit_chars(d["data"], rng, 0.05) if chars else synth.near_duplicate(d["data"], d["lang"], rng, 0.05)
+            edited = (_edit_chars(d["data"], rng, 0.05) if chars else
+                      synth.near_duplicate(d["data"], d["lang"], rng, 0.05))
             recs.append({"data": edited})
             group.append(g)
     order = list(range(len(recs)))
@@ -328,3 +332,26 @@ def test_band_collisions_of_unrelated_documents_are_checked(tmp_path, verify):
         assert kept < 0.8 * len(docs), kept
     else:
         assert kept == len(docs)
+
+
+def test_pair_check_rebuilds_band_groups(tmp_path):
+    """datatrove writes a band's run of equal signatures A, B, C as A-B, B-C: with B unlike both, the
+    check must still join A and C (compared within the group, not only along the chain)."""
+    from datatrove.pipeline.dedup.minhash import SENTINEL
+
+    from telechat.data.clean.dedup import MinhashVerify, full_signature_file
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**63, 20, dtype=np.uint64)
+    c = a.copy()
+    c[:3] = rng.integers(0, 2**63, 3, dtype=np.uint64)  # 85% alike
+    b = rng.integers(0, 2**63, 20, dtype=np.uint64)  # unlike both
+    record = np.dtype([("doc", "<u4"), ("sig", "<u8", (20,))])
+    (tmp_path / "sigs" / "full").mkdir(parents=True)
+    np.array([(0, a), (1, b), (2, c)], dtype=record).tofile(tmp_path / "sigs" / full_signature_file(0))
+    (tmp_path / "buckets").mkdir()
+    pairs = np.array([[0, 0, 0, 1], [0, 1, 0, 2], [SENTINEL, SENTINEL, 0, 2]], dtype="<u4")
+    pairs.tofile(tmp_path / "buckets" / "00000_00.dups")
+    MinhashVerify(str(tmp_path / "sigs"), str(tmp_path / "buckets"), str(tmp_path / "out"), 20, 0.42).run()
+    out = np.fromfile(tmp_path / "out" / "00000_00.dups", dtype="<u4").reshape(-1, 4).tolist()
+    assert sorted(out) == sorted([[0, 0, 0, 2], [SENTINEL, SENTINEL, 0, 2]])

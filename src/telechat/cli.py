@@ -999,8 +999,9 @@ def _config_value(path: str, key: str, action: argparse.Action, value: Any) -> A
 
     def one(v: Any) -> Any:
         tp = action.type or str
-        if isinstance(v, (dict, list)) or isinstance(v, bool) and tp is not str:
-            raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {v!r}")
+        if isinstance(v, (dict, list, bool)):  # YAML reads yes/no/on/off as booleans: quote them for text
+            hint = " (quote it for text)" if isinstance(v, bool) and tp is str else ""
+            raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {v!r}{hint}")
         if tp is float and isinstance(v, int):
             v = float(v)
         if not isinstance(v, tp):

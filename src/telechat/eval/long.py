@@ -83,7 +83,7 @@ def tail_perplexity(model, ids: list[int], tail: int = 256) -> float:
         if len(sel):
             nll += float(F.cross_entropy(logits[0].float(), tokens[sel + 1], reduction="sum"))
         start = stop
-        if stop >= LONG_PREFILL:
+        if stop >= LONG_PREFILL and dev.type == "cpu":
             release_heap()  # as the engine does: freed chunk temporaries would otherwise pile up
     return math.exp(nll / tail)
 

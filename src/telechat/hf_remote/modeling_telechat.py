@@ -80,12 +80,12 @@ class TelechatForCausalLM(PreTrainedModel, GenerationMixin):
         """
         history = [] if history is None else history
         ids = _chat_ids(tokenizer, question, history)
-        config = _generation_config(self, generation_config, kwargs)
         stops = [t for t in (tokenizer.eos_token_id, _token_id(tokenizer, "<_user>")) if t is not None]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+        config = _generation_config(self, generation_config, kwargs, eos_token_id=stops or None, pad_token_id=pad)
         call = dict(input_ids=torch.tensor([ids], device=self.device),
                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
-                    generation_config=config, eos_token_id=stops or None,
-                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0])
+                    generation_config=config)
 
         def finish(answer):
             history.append({"role": "user", "content": question})
@@ -101,7 +101,16 @@ class TelechatForCausalLM(PreTrainedModel, GenerationMixin):
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = Thread(target=self.generate, kwargs=dict(call, streamer=streamer), daemon=True)
+        failed = []
+
+        def run():
+            try:
+                self.generate(**call, streamer=streamer)
+            except BaseException as e:  # raised in the caller's thread, below
+                failed.append(e)
+                streamer.end()  # or the caller would wait for text forever
+
+        worker = Thread(target=run, daemon=True)
 
         def pieces():
             worker.start()
@@ -111,6 +120,8 @@ class TelechatForCausalLM(PreTrainedModel, GenerationMixin):
                     text.append(piece)
                     yield piece
             worker.join()
+            if failed:
+                raise failed[0]
             finish("".join(text))
 
         return pieces()
@@ -147,7 +158,7 @@ def _chat_ids(tokenizer, question, history):
 _SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
-def _generation_config(model, generation_config, overrides):
+def _generation_config(model, generation_config, overrides, **fixed):
     """A GenerationConfig from a GenerationConfig, a dict of telechat's settings or the model's own."""
     unknown = set(overrides) - set(_SETTINGS)
     if unknown:
@@ -160,4 +171,4 @@ def _generation_config(model, generation_config, overrides):
     settings.setdefault("max_new_tokens", 512)
     if not settings.get("do_sample"):
         settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_k", "top_p")}
-    return transformers.GenerationConfig(**settings)
+    return transformers.GenerationConfig(**settings, **fixed)

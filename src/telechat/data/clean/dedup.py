@@ -2,14 +2,14 @@
 
 Exact: the hash of the normalised text (lower case, no punctuation, whitespace or diacritics).
 MinHash: character n-grams (or jieba word n-grams) for Chinese, where words are not separated by
-spaces and datatrove's default English word shingles would see one "word" per sentence; character
-(or word) n-grams for English.
+spaces and datatrove's default English word shingles would see one "word" per sentence; word (or,
+with en_shingles: char, character) n-grams for English.
 """
 from __future__ import annotations
 
 import numpy as np
-from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.text import TextNormConfig, simplify_text
@@ -41,7 +41,7 @@ def lsh_threshold(num_buckets: int, hashes_per_bucket: int) -> float:
 
 class ChineseAwareMinhashSignature(MinhashDedupSignature):
     """datatrove's MinHash stage 1 with per-document shingles: a text whose characters are mostly
-    Han gets character (or jieba word) n-grams, anything else character (or word) n-grams."""
+    Han gets character (or jieba word) n-grams, anything else word (or character) n-grams."""
 
     name = "🎯 MinHash signatures (zh-aware)"
 
@@ -114,11 +114,12 @@ class MinhashVerify(PipelineStep):
     name = "🔎 MinHash pair check"
     type = "🫂 - DEDUPS"
 
-    def __init__(self, sigs_folder: str, buckets_folder: str, hashes: int, min_jaccard: float):
+    def __init__(self, sigs_folder: str, buckets_folder: str, output_folder: str, hashes: int, min_jaccard: float):
         from datatrove.io import get_datafolder
 
         super().__init__()
         self.sigs, self.buckets = get_datafolder(sigs_folder), get_datafolder(buckets_folder)
+        self.output = get_datafolder(output_folder)  # the cluster stage reads the checked pairs from here
         self.record = np.dtype([("doc", "<u4"), ("sig", "<u8", (hashes,))])  # as get_signature writes them
         self.min_jaccard = min_jaccard
 
@@ -126,6 +127,17 @@ class MinhashVerify(PipelineStep):
     def _read(folder, name: str) -> bytes:
         with folder.open(name, "rb") as f:
             return f.read()
+
+    @staticmethod
+    def _groups(p: np.ndarray) -> list[list[tuple[int, int]]]:
+        """datatrove writes a band's run of equal signatures A, B, C as the chain A-B, B-C: the runs again."""
+        groups: list[list[tuple[int, int]]] = []
+        for f1, d1, f2, d2 in p.tolist():
+            if groups and groups[-1][-1] == (f1, d1):
+                groups[-1].append((f2, d2))
+            else:
+                groups.append([(f1, d1), (f2, d2)])
+        return groups
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from datatrove.pipeline.dedup.minhash import SENTINEL
@@ -141,12 +153,19 @@ class MinhashVerify(PipelineStep):
             full: dict[tuple[int, int], np.ndarray] = {}
             for f, docs in needed.items():  # one task's signatures at a time, keeping the paired documents'
                 rows = np.frombuffer(self._read(self.sigs, full_signature_file(f)), dtype=self.record)
-                at = {int(doc): i for i, doc in enumerate(rows["doc"])}
-                full.update({(f, d): rows["sig"][at[d]].copy() for d in docs})
+                at = np.searchsorted(rows["doc"], sorted(docs))  # written in document order
+                full.update({(f, d): rows["sig"][i].copy() for d, i in zip(sorted(docs), at.tolist())})
             for name, p in pairs.items():
-                keep = np.array([f1 == SENTINEL or np.mean(full[(f1, d1)] == full[(f2, d2)]) >= self.min_jaccard
-                                 for f1, d1, f2, d2 in p.tolist()], dtype=bool)
-                self.stat_update("candidate_pairs", value=len(p))
-                self.stat_update("pairs_dropped", value=int((~keep).sum()))
-                with self.buckets.open(name, "wb") as out:
-                    out.write(np.ascontiguousarray(p[keep] if len(p) else p).tobytes())
+                index, real = p[p[:, 0] == SENTINEL], p[p[:, 0] != SENTINEL]
+                edges = []
+                for group in self._groups(real):  # each member joins the first earlier member it resembles
+                    for j in range(1, len(group)):
+                        match = next((group[i] for i in range(j) if
+                                      np.mean(full[group[i]] == full[group[j]]) >= self.min_jaccard), None)
+                        if match is not None:
+                            edges.append((*match, *group[j]))
+                kept = np.concatenate([index, np.array(edges, dtype="<u4").reshape(-1, 4)])
+                self.stat_update("candidate_pairs", value=len(real))
+                self.stat_update("pairs_kept", value=len(edges))
+                with self.output.open(name, "wb") as out:
+                    out.write(np.ascontiguousarray(kept, dtype="<u4").tobytes())

@@ -167,16 +167,21 @@ def plan(cfg: dict, files: list[str], output: str, tasks: int, workers: int, cla
         folder = end_segment([ChineseAwareMinhashSignature(sigs, mh)], first_name)
         stages[-1].clear.append(sigs)
         stages.append(Stage("minhash-buckets", mh["num_buckets"], [MinhashDedupBuckets(sigs, bk, config=mc)], clear=[bk]))
+        pairs = bk
         if mh["verify_jaccard"] is not None:
-            stages.append(Stage("minhash-verify", 1, [MinhashVerify(sigs, bk, mh["num_buckets"] * mh["hashes_per_bucket"],
-                                                                    mh["verify_jaccard"])]))
-        stages.append(Stage("minhash-cluster", 1, [MinhashDedupCluster(bk, rm, config=mc, save_cluster_id=True)], clear=[rm]))
+            pairs = os.path.join(work, "minhash", "checked")
+            check = MinhashVerify(sigs, bk, pairs, mh["num_buckets"] * mh["hashes_per_bucket"], mh["verify_jaccard"])
+            stages.append(Stage("minhash-verify", 1, [check], clear=[pairs]))
+        stages.append(Stage("minhash-cluster", 1, [MinhashDedupCluster(pairs, rm, config=mc, save_cluster_id=True)],
+                            clear=[rm]))
         steps = [RankReader(folder), StreamStep(key("near dedup"), MinhashDedupFilter(rm, load_cluster_ids=True),
                                                 "near_duplicate", detail_key="minhash_cluster_id", **kw)]
         first_name = "near-dup"
         info["dedup"] = {"minhash_threshold": round(lsh_threshold(mh["num_buckets"], mh["hashes_per_bucket"]), 3),
                          "num_buckets": mh["num_buckets"], "hashes_per_bucket": mh["hashes_per_bucket"],
-                         "zh_shingles": f"{mh['zh_shingles']} {mh['zh_ngram']}-grams", "en_shingles": f"{mh['en_shingles']} {mh['en_ngram']}-grams", "verify_jaccard": mh["verify_jaccard"]}
+                         "zh_shingles": f"{mh['zh_shingles']} {mh['zh_ngram']}-grams",
+                         "en_shingles": f"{mh['en_shingles']} {mh['en_ngram']}-grams",
+                         "verify_jaccard": mh["verify_jaccard"]}
 
     q = cfg["quality"]
     ppl, clf = q["perplexity"], q["classifier"]
