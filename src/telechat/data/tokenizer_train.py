@@ -203,7 +203,7 @@ def _check_output(output: Path) -> None:
 def _write_output(tok, output: Path, model_max_length: int) -> None:
     """Write the three files into a temporary sibling folder, then move it into place."""
     _check_output(output)
-    from ..checkpoint import make_temp_dir, remove_stale_temps, temp_name
+    from ..checkpoint import make_temp_dir, remove_stale_temps
 
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(output.parent)  # what killed runs left here
@@ -214,7 +214,8 @@ def _write_output(tok, output: Path, model_max_length: int) -> None:
                               ("special_tokens_map.json", special_tokens_map())):
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if output.exists():  # an empty folder or an older tokenizer: swap it out, then delete it
-            old = output.parent / temp_name(output.name)
+            # not a temp name: killed between the renames, the old tokenizer stays (stale temps are deleted)
+            old = output.parent / f".{output.name}.previous-{os.getpid()}"
             os.rename(output, old)
             try:
                 os.rename(tmp, output)
