@@ -284,8 +284,8 @@ def build(shared: Path = SHARED, cache: Path | None = None, per_source: int = 15
             for i in range(junk_per_kind):
                 text = synth.junk_document(kind, lang, rng, mat)
                 records.append({"id": f"junk/{lang}/{kind}/{i}", "data": text, "lang": lang, "label": "junk",
-                                "kind": kind, "source": "synth", "expect": expect[lang],
-                                "expect_rule": synth.JUNK_RULES[kind][lang]})
+                                "kind": kind, "source": "synth", "expect": expect[lang][0],
+                                "expect_rule": expect[lang][1]})
     for r in records:
         r["split"] = split_of(r["id"])
     return records

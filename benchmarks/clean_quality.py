@@ -140,10 +140,10 @@ def per_rule(lang: str, clean: list[dict], junk: list[dict], kept: set[str], rem
     documents it removed (false positives); rules no junk is labelled with get a row of their own."""
     import re
 
-    from telechat.data.clean.synth import JUNK_RULES
+    from telechat.data.clean.synth import JUNK_KINDS
 
     def rule_of(r):
-        return r.get("expect_rule") or JUNK_RULES[r["kind"]][lang]
+        return r.get("expect_rule") or JUNK_KINDS[r["kind"]][lang][1]
 
     reason = lambda r: removed.get(r["id"], {}).get("reason", "missing")  # noqa: E731
     patterns = sorted({rule_of(r) for r in junk})

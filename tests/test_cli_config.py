@@ -59,7 +59,7 @@ def test_print_config_reads_back_to_the_same_options(tmp_path, capsys):
     cfg = write(tmp_path / "train.yaml", printed)
     assert main(["train", "--config", str(cfg), "--print-config"]) == 0
     assert capsys.readouterr().out == printed
-    # the namespace the verb receives is the same either way
+    # and the flags themselves parse to these values (what the file above was printed from)
     direct = vars(build_parser().parse_args(argv))
     assert all(direct[k] == v for k, v in {"max_steps": 7, "learning_rate": 1e-4, "lora_dim": 8}.items())
 

@@ -533,7 +533,6 @@ _SIGIO_ROUTES = {"fcntl F_SETOWN": "libc.fcntl(a, 8, ctypes.c_int(PID))",
 
 @pytest.mark.parametrize("route", list(_SIGIO_ROUTES))
 @pytest.mark.parametrize("degraded", [False, True], ids=["confined", "seccomp-only"])
-@skip_if_vacuous
 def test_no_sigio_to_a_process_of_the_same_uid(route, degraded):
     """Also where seccomp is all the kernel grants (no namespaces, no Landlock): the program's own uid is
     no barrier then, so the filter must refuse every way to name another process as a SIGIO owner."""

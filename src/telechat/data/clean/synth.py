@@ -155,34 +155,23 @@ def bad_documents(rng: random.Random) -> dict[str, list[str]]:
 
 
 # ---- labelled junk for the quality benchmark ---------------------------------------------------------
-# Each kind names the stage that should remove it (the report key suffix of that stage).
+# Each kind and language: the stage that should remove it (the report key suffix of that stage) and
+# the rule it is made to trip, as a pattern of the removal reasons that rule gives (rules.py's and
+# datatrove's Gopher filters' reason names), which the per-rule recall of benchmarks/clean_quality.py
+# counts against. PII is masked, not removed: a pii_laden document another rule removes counts as
+# removed, not as removed by "pii".
+_ZH_REP, _EN_REP = "rules_zh", "gopher_repetition_en"
 JUNK_KINDS = {
-    "repeated_lines": {"zh": "rules_zh", "en": "gopher_repetition_en"},
-    "repeated_paragraphs": {"zh": "rules_zh", "en": "gopher_repetition_en"},
-    "generation_loop": {"zh": "rules_zh", "en": "gopher_repetition_en"},
-    "keyword_stuffing": {"zh": "rules_zh", "en": "gopher_repetition_en"},
-    "boilerplate": {"zh": "boilerplate", "en": "boilerplate"},
-    "mojibake": {"zh": "rules_zh", "en": "rules_en"},
-    "symbol_soup": {"zh": "rules_zh", "en": "rules_en"},
-    "digit_soup": {"zh": "rules_zh", "en": "rules_en"},
-    "pii_laden": {"zh": "pii", "en": "pii"},
-    "sensitive_words": {"zh": "sensitive_words", "en": "sensitive_words"},
-}
-# The rule each junk kind is made to trip, as a pattern of the removal reasons that rule gives (the
-# reason names of rules.py and datatrove's Gopher filters): what the per-rule recall of
-# benchmarks/clean_quality.py counts against. PII is masked, not removed: a pii_laden document that
-# another rule removes counts as removed, not as removed by "pii".
-JUNK_RULES = {
-    "repeated_lines": {"zh": r"zh_dup_line_(char_)?fraction", "en": r"dup_line_(char_)?frac"},
-    "repeated_paragraphs": {"zh": r"zh_dup_para_(char_)?fraction", "en": r"dup_para_(char_)?frac"},
-    "generation_loop": {"zh": r"zh_dup_\d+_gram", "en": r"duplicated_\d+_n_grams"},
-    "keyword_stuffing": {"zh": r"zh_top_\d+_gram", "en": r"top_\d+_gram"},
-    "boilerplate": {"zh": "boilerplate", "en": "boilerplate"},
-    "mojibake": {"zh": "zh_mojibake", "en": "en_mojibake"},
-    "symbol_soup": {"zh": "zh_symbols", "en": "en_symbols"},
-    "digit_soup": {"zh": "zh_digits", "en": "en_digits"},
-    "pii_laden": {"zh": "pii", "en": "pii"},
-    "sensitive_words": {"zh": "sensitive_words", "en": "sensitive_words"},
+    "repeated_lines": {"zh": (_ZH_REP, r"zh_dup_line_(char_)?fraction"), "en": (_EN_REP, r"dup_line_(char_)?frac")},
+    "repeated_paragraphs": {"zh": (_ZH_REP, r"zh_dup_para_(char_)?fraction"),
+                            "en": (_EN_REP, r"dup_para_(char_)?frac")},
+    "generation_loop": {"zh": (_ZH_REP, r"zh_dup_\d+_gram"), "en": (_EN_REP, r"duplicated_\d+_n_grams")},
+    "keyword_stuffing": {"zh": (_ZH_REP, r"zh_top_\d+_gram"), "en": (_EN_REP, r"top_\d+_gram")},
+    "boilerplate": {lang: ("boilerplate", "boilerplate") for lang in ("zh", "en")},
+    **{kind: {lang: (f"rules_{lang}", f"{lang}_{rule}") for lang in ("zh", "en")}
+       for kind, rule in (("mojibake", "mojibake"), ("symbol_soup", "symbols"), ("digit_soup", "digits"))},
+    "pii_laden": {lang: ("pii", "pii") for lang in ("zh", "en")},
+    "sensitive_words": {lang: ("sensitive_words", "sensitive_words") for lang in ("zh", "en")},
 }
 _ZH_SENT = __import__("re").compile(r"[^。！？!?\n]+[。！？!?]*")
 _EN_SENT = __import__("re").compile(r"[^.!?\n]+[.!?]*")
