@@ -137,6 +137,8 @@ _config_case("hidden_size 2^20", "hidden_size", 2**20, "memory")
 case("quantization_config a list", "quantization_config")(lambda d: _set_config(d, quantization_config=[4]))
 case("quantization_config bad damp", "damp_percent")(
     lambda d: _set_config(d, quantization_config={"bits": 4, "group_size": 32, "damp_percent": "x"}))
+case("quantization_config bad sink_weight", "meta.sink_weight")(
+    lambda d: _set_config(d, quantization_config={"bits": 4, "group_size": 32, "meta": {"sink_weight": "1"}}))
 case("quantize_config.json a string", "quantize_config.json")(
     lambda d: (d / "quantize_config.json").write_text('"gptq"'))
 

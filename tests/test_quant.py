@@ -205,6 +205,10 @@ def test_hessian_collector_shares_inputs_and_stops_early():
     torch.testing.assert_close(col.hessian("self_attention.key_value"), expect, rtol=1e-4, atol=1e-5)
     assert col.alias == {"self_attention.query": "self_attention.key_value"}  # one sum for the shared input
     torch.testing.assert_close(col.hessian("self_attention.query"), expect, rtol=1e-4, atol=1e-5)
+    # sink_weight adds the first tokens' (positions 0 of both samples) mean x^T x, times the weight
+    x0 = block.input_layernorm(h)[:, 0].double()
+    sink = (x0.t() @ x0 / 2).float()
+    torch.testing.assert_close(col.hessian("self_attention.key_value", 0.5), expect + 0.5 * sink, rtol=1e-4, atol=1e-5)
 
 
 # ---- quantized layers and kernels -------------------------------------------------------------------
@@ -398,9 +402,10 @@ def test_quantized_folder_layout(gptq4_dir):
     assert {"model.safetensors", "config.json", "quantize_config.json", "tokenizer.model",
             "generation_config.json"} <= files
     qc = json.loads((gptq4_dir / "quantize_config.json").read_text())
-    for k, v in {"bits": 4, "group_size": 32, "damp_percent": 0.01, "desc_act": False, "sym": True,
+    for k, v in {"bits": 4, "group_size": 32, "damp_percent": 1.5, "desc_act": False, "sym": True,
                  "true_sequential": True}.items():
         assert qc[k] == v, k
+    assert qc["meta"] == {"quantizer": ["telechat"], "method": "gptq", "sink_weight": 1.0}
     hf = json.loads((gptq4_dir / "config.json").read_text())["quantization_config"]
     assert hf["quant_method"] == "gptq" and hf["bits"] == 4 and hf["group_size"] == 32
     sd = load_file(gptq4_dir / "model.safetensors")
@@ -450,9 +455,12 @@ def test_gptq_sees_quantized_inputs_in_published_order(float_dir, calib_file, tm
     seen: list[tuple[str, torch.Tensor]] = []
     real = pipeline.gptq
 
-    def recording(weight, hessian, cfg, name):
+    scales: dict[str, float] = {}
+
+    def recording(weight, hessian, cfg, name, damp_scale=1.0):
         seen.append((name, hessian.clone()))
-        return real(weight, hessian, cfg, name)
+        scales[name] = damp_scale
+        return real(weight, hessian, cfg, name, damp_scale)
 
     monkeypatch.setattr(pipeline, "gptq", recording)
     out = tmp_path / "q"
@@ -477,8 +485,12 @@ def test_gptq_sees_quantized_inputs_in_published_order(float_dir, calib_file, tm
         with torch.no_grad():
             model(ids)
         h.remove()
-        x = torch.cat(got).reshape(-1, got[0].shape[-1])
-        return x.t() @ x / x.shape[0]
+        x = torch.cat(got)
+        x0, x = x[:, 0].double(), x.reshape(-1, x.shape[-1]).double()
+        H = x.t() @ x / x.shape[0]
+        if module_name.endswith("key_value"):  # the first token of each sample also weighs as much as all tokens
+            H = H + x0.t() @ x0 / x0.shape[0]
+        return H.float()
 
     quantized = float_with_dequantized_weights(float_dir, out).model
     floating = telechat.load(float_dir).model
@@ -487,6 +499,10 @@ def test_gptq_sees_quantized_inputs_in_published_order(float_dir, calib_file, tm
         expect = inputs_of(quantized, name)
         torch.testing.assert_close(hessians[name], expect, rtol=1e-3, atol=1e-5)
         assert not torch.allclose(hessians[name], inputs_of(floating, name), rtol=1e-3, atol=1e-5)
+    # down_proj's wider input gets proportionally more dampening
+    config = telechat.load(float_dir).config
+    assert scales["transformer.h.1.mlp.down_proj"] == config.ffn_hidden_size / config.hidden_size > 1
+    assert {v for k, v in scales.items() if "down_proj" not in k} == {1.0}
 
 
 def test_pipeline_holds_one_float_block_at_a_time(float_dir, calib_file, tmp_path, monkeypatch):
@@ -608,6 +624,7 @@ def test_published_quant_configs(name, bits):
     d = shared_path("telechat-official", name)
     cfg = read_quant_config(d)
     assert (cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.damp_percent) == (bits, 128, True, False, 0.01)
+    assert cfg.sink_weight == 0.0  # made with the plain Hessian
     from telechat.checkpoint import _skip_init
 
     config = telechat.TeleChatConfig.from_json(d / "config.json")
@@ -805,3 +822,35 @@ def test_cuda_triton_kernel_matches_reference(bits, sym, act_order):
             x = torch.randn(rows, 1024, device="cuda").to(dtype)
             ref = x.double() @ w.cuda().double().t() + b.cuda().double()
             assert (layer(x).double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+# ---- GPTQ on the default model, calibrated on one text, measured on another ----------------------------
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.slow
+def test_gptq_beats_rtn_on_text_unlike_its_calibration(tmp_path):
+    """Issue 22's finding, small: calibrated on Chinese news, GPTQ int4 must still beat round-to-nearest on
+    English WikiText-2 (with AutoGPTQ's 0.01 dampening and a plain Hessian it was far worse than RTN)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from telechat.default_model import ensure_default_model
+
+    src = ensure_default_model()
+    ids = torch.tensor(telechat.load_tokenizer(src).encode((DATA / "wikitext2_test_excerpt.txt").read_text()))
+
+    def ppl(folder) -> float:
+        model = telechat.load(folder, dtype="float32").model
+        windows = ids[: ids.numel() // 512 * 512].view(-1, 512)
+        with torch.inference_mode():
+            nll = sum(float(F.cross_entropy(model(w[None])[0, :-1], w[1:], reduction="sum")) for w in windows)
+        return math.exp(nll / (windows.numel() - windows.shape[0]))
+
+    kw = dict(calib=DATA / "msra_news_zh_excerpt.txt", calib_samples=16, calib_seq_len=256, progress=False)
+    quantize(src, tmp_path / "gptq", QuantConfig(bits=4, group_size=64), **kw)
+    quantize(src, tmp_path / "rtn", QuantConfig(bits=4, group_size=64, method="rtn"), **kw)
+    base, q_gptq, q_rtn = ppl(src), ppl(tmp_path / "gptq"), ppl(tmp_path / "rtn")
+    # 16 x 256 tokens: 0.91 here (the benchmark's 64 x 512: 0.7 or better); the old defaults gave above 1
+    assert q_gptq - base < 0.95 * (q_rtn - base), (base, q_gptq, q_rtn)

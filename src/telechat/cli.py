@@ -764,8 +764,8 @@ def data_build_corpus(output: str, sources: list[str] | None = None, local: list
 def quantize(model: str, output: str, bits: Literal[4, 8] = 4, group_size: int = 128, sym: bool = True,
              asym: bool = False, act_order: bool = False, method: Literal["gptq", "rtn"] = "gptq",
              calib: str | None = None, calib_samples: int = 128, calib_seq_len: int = 512,
-             damp_percent: float = 0.01, dtype: str = "float16", device: str = "cpu", batch_size: int = 8,
-             seed: int = 0, quiet: bool = False) -> int:
+             damp_percent: float = 1.5, sink_weight: float = 1.0, dtype: str = "float16", device: str = "cpu",
+             batch_size: int = 8, seed: int = 0, quiet: bool = False) -> int:
     """Quantize a checkpoint to int8 or int4 with GPTQ (or round-to-nearest), block by block.
 
     Writes the AutoGPTQ v1 layout (qweight/qzeros/scales/g_idx per layer, quantize_config.json and
@@ -787,7 +787,11 @@ def quantize(model: str, output: str, bits: Literal[4, 8] = 4, group_size: int =
             or HF datasets .arrow files.
         calib_samples: calibration windows.
         calib_seq_len: tokens per window.
-        damp_percent: dampening added to the Hessian diagonal, as a fraction of its mean.
+        damp_percent: dampening added to the Hessian diagonal, as a fraction of its mean (times
+            in_features / hidden_size where that is above 1). AutoGPTQ's 0.01 overfits the calibration
+            text: GPTQ then loses to round-to-nearest on other text.
+        sink_weight: weight of each sample's first token (the attention sink) in key_value's Hessian,
+            relative to all its tokens together; 0 gives the plain Hessian.
         dtype: dtype of the tensors left unquantized (float16, bfloat16 or float32).
         device: torch device for the quantization arithmetic (cpu or cuda).
         batch_size: calibration windows per forward pass.
@@ -800,7 +804,7 @@ def quantize(model: str, output: str, bits: Literal[4, 8] = 4, group_size: int =
     from .quant import quantize as run
 
     qcfg = QuantConfig(bits=bits, group_size=group_size, sym=sym and not asym, desc_act=act_order,
-                       damp_percent=damp_percent, method=method)
+                       damp_percent=damp_percent, sink_weight=sink_weight, method=method)
     t = time.perf_counter()
     out = run(model, output, qcfg, calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
               dtype=dtype, device=device, batch_size=batch_size, seed=seed, progress=not quiet)

@@ -61,8 +61,15 @@ def rtn(weight: Tensor, cfg: QuantConfig) -> QuantizedWeight:
                            g_idx.to(torch.int32), cfg.bits)
 
 
-def gptq(weight: Tensor, hessian: Tensor, cfg: QuantConfig, name: str = "layer") -> QuantizedWeight:
-    """GPTQ codes for `weight` [N, K] given the Hessian [K, K] of its inputs."""
+def gptq(weight: Tensor, hessian: Tensor, cfg: QuantConfig, name: str = "layer",
+         damp_scale: float = 1.0) -> QuantizedWeight:
+    """GPTQ codes for `weight` [N, K] given the Hessian [K, K] of its inputs.
+
+    The dampening added to H's diagonal is `cfg.damp_percent * damp_scale` times its mean. It keeps GPTQ
+    from pushing the rounding error into directions the calibration text rarely uses (which other text
+    does use); the pipeline scales it with the layer's input width (down_proj's: ffn / hidden), since a
+    wider input leaves more such directions.
+    """
     W = weight.float().clone()
     N, K = W.shape
     gs = cfg.group_size_for(K)
@@ -73,7 +80,7 @@ def gptq(weight: Tensor, hessian: Tensor, cfg: QuantConfig, name: str = "layer")
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.desc_act else None
     if perm is not None:  # act-order: the columns with the largest inputs first
         W, H = W[:, perm], H[perm][:, perm]
-    H.diagonal().add_(cfg.damp_percent * H.diagonal().mean())
+    H.diagonal().add_(cfg.damp_percent * damp_scale * H.diagonal().mean())
     try:
         L = torch.linalg.cholesky(H)
         U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # H^-1 = U^T U
@@ -117,14 +124,17 @@ class HessianCollector:
     """Accumulates H = sum of x^T x over the inputs of `modules` while the block runs forward.
 
     Layers fed the same tensor (key_value and query; up_proj and gate_proj) share one sum.
-    The forward stops as soon as every layer has its input.
+    The first token of each sample (the attention sink) is also summed on its own, for `hessian`'s
+    `sink_weight`. The forward stops as soon as every layer has its input.
     """
 
     def __init__(self, modules: dict[str, nn.Linear]):
         self.modules = modules
         self.sums: dict[str, Tensor] = {}
+        self.first: dict[str, Tensor] = {}
         self.alias: dict[str, str] = {}
         self.tokens = 0
+        self.samples = 0
         self._seen: dict[str, Tensor] = {}
 
     def _hook(self, name: str):
@@ -134,10 +144,12 @@ class HessianCollector:
             if same is not None:
                 self.alias[name] = same
             else:
-                x2 = x.reshape(-1, x.shape[-1]).float()
+                x2, x0 = x.reshape(-1, x.shape[-1]).float(), x[:, 0].float()
                 if name not in self.sums:
                     self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device)
+                    self.first[name] = torch.zeros_like(self.sums[name])
                 self.sums[name].addmm_(x2.t(), x2)
+                self.first[name].addmm_(x0.t(), x0)
             self._seen[name] = x
             if len(self._seen) == len(self.modules):
                 raise _Stop
@@ -155,10 +167,14 @@ class HessianCollector:
                 except _Stop:
                     pass
                 self.tokens += batch.shape[0] * batch.shape[1]
+                self.samples += batch.shape[0]
         finally:
             for h in handles:
                 h.remove()
             self._seen = {}
 
-    def hessian(self, name: str) -> Tensor:
-        return self.sums[self.alias.get(name, name)] / max(self.tokens, 1)
+    def hessian(self, name: str, sink_weight: float = 0.0) -> Tensor:
+        """The mean of x^T x over all tokens, plus `sink_weight` times its mean over the first tokens."""
+        key = self.alias.get(name, name)
+        H = self.sums[key] / max(self.tokens, 1)
+        return H + (sink_weight / max(self.samples, 1)) * self.first[key] if sink_weight else H

@@ -22,7 +22,7 @@ from ..default_model import resolve_model
 from ..model import Block, RMSNorm, TeleChat
 from ..rope import rope_cos_sin
 from .calib import calibration_samples
-from .format import MODULE_ORDER, QUANTIZED_MODULES, QuantConfig, QuantError, read_quant_config
+from .format import MODULE_ORDER, QUANTIZED_MODULES, SINK_WEIGHTED_MODULES, QuantConfig, QuantError, read_quant_config
 from .gptq import HessianCollector, gptq, rtn
 from .linear import QuantLinear, quantize_modules
 
@@ -144,7 +144,12 @@ def _quantize_blocks(out: TeleChat, tensors: dict, qcfg: QuantConfig, ids: torch
             for name, lin in layers.items():
                 full = f"transformer.h.{i}.{name}"
                 bar.set_postfix_str(name)
-                qw = gptq(lin.weight, hessians.hessian(name), qcfg, full) if h is not None else rtn(lin.weight, qcfg)
+                if h is None:
+                    qw = rtn(lin.weight, qcfg)
+                else:
+                    sink = qcfg.sink_weight if name in SINK_WEIGHTED_MODULES else 0.0
+                    damp_scale = max(1.0, lin.in_features / config.hidden_size)
+                    qw = gptq(lin.weight, hessians.hessian(name, sink), qcfg, full, damp_scale)
                 lin.weight.data = qw.dequantize().to(lin.weight.dtype)  # what later groups and blocks will see
                 layer = QuantLinear.from_weight(qw.to("cpu"), lin.bias, dtype)
                 parent, _, attr = name.rpartition(".")
