@@ -131,7 +131,7 @@ class HessianCollector:
     def __init__(self, modules: dict[str, nn.Linear]):
         self.modules = modules
         self.sums: dict[str, Tensor] = {}
-        self.first: dict[str, Tensor] = {}
+        self.first: dict[str, list[Tensor]] = {}
         self.alias: dict[str, str] = {}
         self.tokens = 0
         self.samples = 0
@@ -147,9 +147,9 @@ class HessianCollector:
                 x2, x0 = x.reshape(-1, x.shape[-1]).float(), x[:, 0].float()
                 if name not in self.sums:
                     self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device)
-                    self.first[name] = torch.zeros_like(self.sums[name])
+                    self.first[name] = []
                 self.sums[name].addmm_(x2.t(), x2)
-                self.first[name].addmm_(x0.t(), x0)
+                self.first[name].append(x0)  # a few rows, not a second [K, K] sum (down_proj's is large)
             self._seen[name] = x
             if len(self._seen) == len(self.modules):
                 raise _Stop
@@ -177,4 +177,7 @@ class HessianCollector:
         """The mean of x^T x over all tokens, plus `sink_weight` times its mean over the first tokens."""
         key = self.alias.get(name, name)
         H = self.sums[key] / max(self.tokens, 1)
-        return H + (sink_weight / max(self.samples, 1)) * self.first[key] if sink_weight else H
+        if not sink_weight:
+            return H
+        x0 = torch.cat(self.first[key])
+        return H + (sink_weight / max(self.samples, 1)) * (x0.t() @ x0)
