@@ -13,16 +13,15 @@ from torch import Tensor, nn
 
 class DecodeLinear(nn.Linear):
     """nn.Linear, plus: CPU decode paths, and a 16-bit weight kept 16-bit under fp32 compute (a
-    quantized model's lm_head) multiplied by the native half kernel or upcast per call."""
+    quantized model's lm_head) multiplied by telechat's half operator (compiled graphs included) or
+    upcast per call."""
 
     def forward(self, x: Tensor) -> Tensor:
         compiling = torch.compiler.is_compiling()
         if self.weight.dtype != x.dtype:
-            if not compiling:
-                from .quant.kernels import half_linear
+            from .quant.kernels import half_linear
 
-                return half_linear(x, self.weight, self.bias)
-            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return half_linear(x, self.weight, self.bias)
         if x.device.type == "cpu":
             rows = x.shape[:-1].numel()
             if compiling and rows == 1:

@@ -11,6 +11,14 @@ Per quantized linear layer with K input and N output features, G = K / group_siz
 
 plus `quantize_config.json` and a `quantization_config` block in config.json (what transformers
 and vLLM look for).
+
+One extension, for GGUF Q4_1 weights kept as they are (`telechat import --keep-quantized`): their
+offsets are not whole codes, so such a layer stores `mins` fp16 [G, N] in place of `qzeros`,
+
+    w[n, k] = scales[g, n] * q[k, n] + mins[g, n],
+
+and quantize_config.json says `"meta": {"zero_point": "float"}`. AutoGPTQ cannot read those
+layers; every other folder this project writes is plain AutoGPTQ v1.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from ..config import read_json
 
 SUPPORTED_BITS = (4, 8)
 METHODS = ("gptq", "rtn")
+ZERO_POINTS = ("int", "float")
 # The published true-sequential order: each group is quantized seeing the already quantized groups before it.
 MODULE_ORDER: tuple[tuple[str, ...], ...] = (
     ("self_attention.key_value", "self_attention.query"),
@@ -55,6 +64,8 @@ class QuantConfig:
     true_sequential: bool = True
     sink_weight: float = 1.0  # the first token of each sample, in key_value's Hessian, weighs as much as all others
     method: str = "gptq"  # how the codes were found (gptq or rtn); the tensors are the same format
+    zero_point: str = "int"  # "float": fp16 `mins` in place of qzeros (GGUF Q4_1 kept as it is)
+    source: str | None = None  # where the codes came from when not quantized here (e.g. "gguf Q4_1")
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -68,6 +79,8 @@ class QuantConfig:
             raise QuantError(f"sink_weight must be in [0, 1000], got {self.sink_weight}")
         if self.method not in METHODS:
             raise QuantError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.zero_point not in ZERO_POINTS:
+            raise QuantError(f"zero_point must be one of {', '.join(ZERO_POINTS)}, got {self.zero_point!r}")
 
     @property
     def maxq(self) -> int:
@@ -98,7 +111,9 @@ class QuantConfig:
                 "desc_act": self.desc_act, "sym": self.sym, "true_sequential": self.true_sequential,
                 "model_name_or_path": None, "model_file_base_name": "model",
                 "quant_method": "gptq", "checkpoint_format": "gptq",
-                "meta": {"quantizer": ["telechat"], "method": self.method, "sink_weight": self.sink_weight}}
+                "meta": {"quantizer": ["telechat"], "method": self.method, "sink_weight": self.sink_weight,
+                         **({"zero_point": self.zero_point} if self.zero_point != "int" else {}),
+                         **({"source": self.source} if self.source else {})}}
 
     def to_hf(self) -> dict:
         """config.json's `quantization_config` (transformers' GPTQConfig fields; not
@@ -128,15 +143,19 @@ class QuantConfig:
         for key, v in (("damp_percent", damp), ("meta.sink_weight", sink)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise QuantError(f"{source}: {key} must be a number, got {v!r:.60}")
+        origin = meta.get("source")
         try:
             return cls(bits=d["bits"], group_size=d["group_size"], sym=bool(d.get("sym", True)),
                        desc_act=bool(d.get("desc_act", False)), damp_percent=float(damp),
                        true_sequential=bool(d.get("true_sequential", True)), method=meta.get("method", "gptq"),
-                       sink_weight=float(sink))
+                       sink_weight=float(sink), zero_point=meta.get("zero_point", "int"),
+                       source=origin if isinstance(origin, str) else None)
         except (QuantError, TypeError, ValueError) as e:  # float("x"), bits "4", ...
             raise QuantError(f"{source}: {e}") from None
 
     def describe(self) -> str:
+        if self.source:
+            return f"{self.source} (int{self.bits} g{self.group_size})"
         g = "per-row" if self.group_size == -1 else f"g{self.group_size}"
         return (f"{self.method} int{self.bits} {g} {'sym' if self.sym else 'asym'}"
                 f"{' act-order' if self.desc_act else ''}")
@@ -225,10 +244,13 @@ class QuantizedWeight:
         return ((self.q.float() - self.zeros.float()[g].t()) * s[g].t())
 
 
-def dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
-               dtype: torch.dtype = torch.float32) -> Tensor:
-    """The weight [N, K] that checkpoint tensors describe (the reference every kernel is checked against)."""
+def dequantize(qweight: Tensor, qzeros: Tensor | None, scales: Tensor, g_idx: Tensor, bits: int,
+               dtype: torch.dtype = torch.float32, mins: Tensor | None = None) -> Tensor:
+    """The weight [N, K] that checkpoint tensors describe (the reference every kernel is checked against):
+    with `qzeros`, or with float `mins` (qzeros None)."""
     q = unpack(qweight, bits, 0)  # [K, N]
-    z = unpack(qzeros, bits, 1) + 1  # [G, N]
     g = g_idx.long()
+    if mins is not None:
+        return (q.float() * scales.float()[g] + mins.float()[g]).t().to(dtype)
+    z = unpack(qzeros, bits, 1) + 1  # [G, N]
     return ((q - z[g]).float() * scales.float()[g]).t().to(dtype)

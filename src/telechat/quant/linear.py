@@ -1,12 +1,13 @@
 """QuantLinear: a GPTQ layer that loads and saves the checkpoint tensors, and the matmuls that run it.
 
 After loading, `prepare` turns the checkpoint tensors into a "rows" layout (codes [N, K] as bytes,
-columns sorted by group so each group is a contiguous run; scales and zero points [N, G]) and
-drops them; `state_dict` rebuilds them exactly. Paths (each checked against `format.dequantize`
-in the tests):
+columns sorted by group so each group is a contiguous run, 4-bit codes two per byte in GGML's order
+within each block of 32 columns; scales and zero points [N, G]) and drops them; `state_dict`
+rebuilds them exactly. Paths (each checked against `format.dequantize` in the tests):
 
-  native    telechat's C kernel (kernels.py) for up to 16 rows on CPU: the decode path.
-  dequant   w = dequantize(codes), then x @ w.T: any shape and device; prefill, and the fallback.
+  native    the telechat::qlinear operator (kernels.py) on CPU: int8 activations, integer dot
+            products, any number of rows; also inside torch.compile graphs.
+  dequant   w = dequantize(codes), then x @ w.T: any shape and device; the fallback.
   int4pack  torch's tinygemm int4 kernels (_weight_int4pack_mm_for_cpu, _weight_int4pack_mm on
             CUDA), bf16 activations. The default on CUDA.
   int8pack  torch._weight_int8pack_mm (CPU), once per group, bf16 activations.
@@ -31,18 +32,24 @@ _PACKED = ("_w", "_s", "_zcorr")
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, zero_point: str = "int"):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.zero_point = zero_point
         f, groups = 32 // bits, in_features // group_size
         self.register_buffer("qweight", torch.zeros(in_features // f, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(groups, out_features // f, dtype=torch.int32, device=device))
+        if zero_point == "float":  # w = s q + m (GGUF Q4_1): fp16 offsets in place of integer zero points
+            self.register_buffer("mins", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        else:
+            self.register_buffer("qzeros", torch.zeros(groups, out_features // f, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("zrows", None, persistent=False)  # rows layout: uint8 zero points [N, G]
+        self.register_buffer("mrows", None, persistent=False)  # or fp16 offsets [N, G]
         self.path = "dequant"
         self.requested = "auto"
-        self._native, self._reorder = None, False
+        self._reorder = False
 
     @classmethod
     def from_weight(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -80,33 +87,49 @@ class QuantLinear(nn.Module):
     def _codes(self) -> Tensor:
         """Codes [N, K] (int32) in group order, from the rows layout."""
         q = self.qrows.to(torch.int32)
-        if self.bits == 4:
-            q = torch.stack([q & 15, q >> 4], -1).view(self.out_features, self.in_features)
+        if self.bits == 4:  # per block of 32 columns: low nibbles hold columns 0..15, high nibbles 16..31
+            q = q.view(self.out_features, -1, 16)
+            q = torch.cat([q & 15, q >> 4], -1).view(self.out_features, self.in_features)
         return q
+
+    @property
+    def float_zero(self) -> bool:
+        return self.zero_point == "float"
 
     def _to_rows(self, perm: Tensor) -> None:
         q = unpack(self.qweight, self.bits, 0)  # [K, N]
         codes = (q[perm] if perm.numel() else q).t()
         if self.bits == 4:
-            codes = codes[:, 0::2] | codes[:, 1::2] << 4
-        rows = {"qrows": codes.to(torch.uint8).contiguous(),
-                "srows": self.scales.t().contiguous(),
-                "zrows": (unpack(self.qzeros, self.bits, 1) + 1).t().to(torch.uint8).contiguous(),
-                "perm": perm}
-        for name in ("qweight", "qzeros", "scales"):
-            del self._buffers[name]
+            codes = self._pack_nibbles(codes)
+        rows = {"qrows": codes.to(torch.uint8).contiguous(), "srows": self.scales.t().contiguous(), "perm": perm}
+        if self.float_zero:
+            rows["mrows"] = self.mins.t().contiguous()
+        else:
+            rows["zrows"] = (unpack(self.qzeros, self.bits, 1) + 1).t().to(torch.uint8).contiguous()
+        for name in ("qweight", "qzeros", "mins", "scales"):
+            self._buffers.pop(name, None)
         for name, t in rows.items():
             self.register_buffer(name, t, persistent=False)
 
+    @staticmethod
+    def _pack_nibbles(codes: Tensor) -> Tensor:
+        """[N, K] 4-bit codes -> [N, K/2] bytes, GGML's order (see _codes); K a multiple of 32."""
+        if codes.shape[1] % 32:
+            raise ValueError(f"4-bit rows need in_features divisible by 32, got {codes.shape[1]}")
+        b = codes.reshape(codes.shape[0], -1, 2, 16)
+        return (b[:, :, 0] | b[:, :, 1] << 4).reshape(codes.shape[0], -1)
+
     def _checkpoint_tensors(self) -> dict[str, Tensor]:
-        """qweight, qzeros, scales (and g_idx) as the checkpoint stores them."""
+        """qweight, qzeros (or mins), scales and g_idx as the checkpoint stores them."""
+        zero = "mins" if self.float_zero else "qzeros"
         if not self.in_rows:
-            return {n: self._buffers[n] for n in ("qweight", "qzeros", "scales", "g_idx")}
+            return {n: self._buffers[n] for n in ("qweight", zero, "scales", "g_idx")}
         codes = self._codes()
         if self.perm.numel():
             codes = torch.empty_like(codes).index_copy_(1, self.perm, codes)  # back to checkpoint column order
         return {"qweight": pack(codes.t(), self.bits, 0),
-                "qzeros": pack(self.zrows.t().to(torch.int32) - 1, self.bits, 1),
+                zero: self.mrows.t().contiguous() if self.float_zero
+                else pack(self.zrows.t().to(torch.int32) - 1, self.bits, 1),
                 "scales": self.srows.t().contiguous(), "g_idx": self.g_idx}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -120,11 +143,12 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight [N, K] in checkpoint column order."""
         t = self._checkpoint_tensors()
-        return dequantize(t["qweight"], t["qzeros"], t["scales"], self.g_idx, self.bits, dtype)
+        return dequantize(t["qweight"], t.get("qzeros"), t["scales"], self.g_idx, self.bits, dtype, t.get("mins"))
 
     def _weight_in_group_order(self, dtype: torch.dtype) -> Tensor:
         N, G, gs = self.out_features, self.groups, self.group_size
-        w = (self._codes().view(N, G, gs).float() - self.zrows.float()[..., None]) * self.srows.float()[..., None]
+        q, s = self._codes().view(N, G, gs).float(), self.srows.float()[..., None]
+        w = q * s + self.mrows.float()[..., None] if self.float_zero else (q - self.zrows.float()[..., None]) * s
         return w.view(N, self.in_features).to(dtype)
 
     # ---- choosing a path -------------------------------------------------------------------------
@@ -135,19 +159,23 @@ class QuantLinear(nn.Module):
         self.requested = kernel
         for name in _PACKED:
             self._buffers.pop(name, None)
-        self.path, self._native, self._reorder = "dequant", None, False
+        self.path, self._reorder = "dequant", False
         if self.g_idx.device.type == "meta":
             return self.path
         if not self.in_rows:
             perm = self._group_order()
-            if perm is None:  # groups that are not runs of group_size columns: only the plain path applies
+            # groups that are not runs of group_size columns, or 4-bit rows not in blocks of 32: plain path only
+            if perm is None or (self.bits == 4 and self.in_features % 32):
                 return self.path
             self._to_rows(perm)
         self._reorder = bool(self.perm.numel())
         device = self.qrows.device
+        if self.float_zero:  # the packed and Triton kernels take integer zero points
+            kernel = "native" if kernel in ("packed", "triton") else kernel
         if kernel == "packed" or (kernel == "auto" and device.type == "cuda"):
             self.path = (self._int4pack() if self.bits == 4 else self._int8pack()) or self.path
-        if self.path == "dequant" and (kernel == "triton" or (kernel == "auto" and device.type == "cuda")) \
+        if self.path == "dequant" and not self.float_zero \
+                and (kernel == "triton" or (kernel == "auto" and device.type == "cuda")) \
                 and triton_kernels.supports(self.bits, self.in_features, self.group_size) \
                 and triton_kernels.available():
             self.path = "triton"
@@ -155,15 +183,12 @@ class QuantLinear(nn.Module):
                 and kernels.supports(self.bits, self.in_features, self.out_features, self.group_size) \
                 and kernels.available():
             self.path = "native"
-            self._native = kernels.runner(self.qrows, self.srows, self.zrows, self.bits, self.group_size,
-                                          self.perm if self._reorder else None, self.bias)
-            self._native_max = kernels.MAX_ROWS * self.in_features
         return self.path
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.cuda()`, `.half()`...: buffers follow the device, but the fp16 scales keep their
         dtype (they are the checkpoint's, and bf16 would round them); kernel layouts are rebuilt."""
-        keep = {n: self._buffers.pop(n) for n in ("scales", "srows") if self._buffers.get(n) is not None}
+        keep = {n: self._buffers.pop(n) for n in ("scales", "srows", "mins", "mrows") if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
         if keep:
             device = fn(torch.empty(0, device=next(iter(keep.values())).device)).device
@@ -208,12 +233,12 @@ class QuantLinear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if self._native is not None and x.is_cpu and x.numel() <= self._native_max:
-            if not torch.compiler.is_compiling():
-                return self._native(x)  # the bound call, bias included: a decode step makes hundreds
-            y = kernels.qmm_op(self._in_group_order(x), self.qrows, self.srows, self.zrows, self.bits,
-                               self.group_size)
-        elif self.path == "int4pack":
+        if self.path == "native" and x.is_cpu:
+            fp32_bias = self.bias is not None and self.bias.dtype == torch.float32
+            y = kernels.qlinear(self._in_group_order(x, flat=False), self.qrows, self.srows, self.mrows, self.zrows,
+                                self.bias if fp32_bias else None, self.bits, self.group_size)
+            return y if self.bias is None or fp32_bias else y + self.bias
+        if self.path == "int4pack":
             y = self._int4_mm(self._in_group_order(x).to(torch.bfloat16).contiguous())
         elif self.path == "int8pack":
             y = self._int8_mm(self._in_group_order(x).to(torch.bfloat16))
@@ -256,7 +281,8 @@ def quantize_modules(model: nn.Module, qcfg: QuantConfig) -> None:
             lin = block.get_submodule(name)
             qcfg.check_layer(f"transformer.h.{i}.{name}", lin.in_features, lin.out_features)
             q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, qcfg.bits,
-                            qcfg.group_size_for(lin.in_features), lin.weight.dtype, lin.weight.device)
+                            qcfg.group_size_for(lin.in_features), lin.weight.dtype, lin.weight.device,
+                            qcfg.zero_point)
             parent, _, attr = name.rpartition(".")
             setattr(block.get_submodule(parent), attr, q)
 

@@ -1,7 +1,7 @@
 """GPTQ matmul on CUDA in Triton: y = x @ w.T with w dequantized tile by tile in registers.
 
 The weight stays in QuantLinear's "rows" layout (codes [N, K] as bytes, two 4-bit codes per byte for
-int4; scales and zero points [N, G]), so a call reads 1 byte (int8) or half a byte (int4) per weight
+int4 in GGML's order within each block of 32 columns; scales and zero points [N, G]), so a call reads 1 byte (int8) or half a byte (int4) per weight
 instead of materialising the 16-bit matrix. w = (code - zero) * scale, accumulated in fp32.
 Decode rows (M <= 8) take a multiply-reduce GEMV path; more rows take tl.dot.
 Runs wherever Triton runs (TRITON_INTERPRET=1 runs it on CPU tensors, which the tests use).
@@ -55,8 +55,10 @@ def _kernel():
             if BITS == 8:
                 q = tl.load(q_ptr + rn[None, :] * sqn + kk[:, None], mask=n_ok[None, :], other=0)
             else:
-                byte = tl.load(q_ptr + rn[None, :] * sqn + (kk // 2)[:, None], mask=n_ok[None, :], other=0)
-                q = (byte >> ((kk % 2) * 4)[:, None]) & 15
+                # per block of 32 columns: 16 bytes, low nibbles columns 0..15, high nibbles 16..31
+                byte = tl.load(q_ptr + rn[None, :] * sqn + ((kk // 32) * 16 + kk % 16)[:, None], mask=n_ok[None, :],
+                               other=0)
+                q = (byte >> ((kk % 32) // 16 * 4)[:, None]) & 15
             g = k0 // GS  # BK divides GS: one group per tile
             s = tl.load(s_ptr + rn * ssn + g, mask=n_ok, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + rn * ssn + g, mask=n_ok, other=0).to(tl.float32)

@@ -1,0 +1,293 @@
+// Integer-dot-product matmul of activations against 4/8-bit weight codes, for one instruction set.
+//
+// Compiled once per instruction set with -DTELECHAT_ISA=0|1|2 (portable C, AVX2+FMA+F16C, AVX-512
+// BW/VL/VNNI) and -DTELECHAT_SUFFIX=_portable|_avx2|_avx512; qgemm_op.cpp picks one at run time.
+// No torch headers here: their inline functions compiled with AVX-512 flags could otherwise be the
+// copy the linker keeps for the whole library.
+//
+// Weights, "rows" layout: row n of codes holds K/32 blocks of 32 columns; 4-bit: 16 bytes per block,
+// the low nibble of byte j is column j and the high nibble column j + 16 (GGML's Q4 order); 8-bit: 32
+// bytes. Group g (group_size columns, a multiple of 32) has a fp16 scale s and either a fp16 offset m
+// (w = s q + m, GGML Q4_1) or a uint8 zero point z (w = s (q - z), GPTQ; Q4_0 and Q8_0 are z = 8, 128).
+//
+// Activations: each block of 32 is rounded to int8 with its own scale d = max|x| / 127, as llama.cpp
+// does for its Q8 dot products; xd8 holds d repeated 8 times per block (one vector lane group), xsg
+// per group the sum of d * sum(q) over its blocks. Then, exactly up to fp32 rounding,
+//     y[m, n] = sum_blocks s_g d_b (q . xq)_b  +  sum_g offset_g xsg[m, g],   offset = m or -s z.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if TELECHAT_ISA >= 1
+#include <immintrin.h>
+#endif
+
+#define TC_CAT2(a, b) a##b
+#define TC_CAT(a, b) TC_CAT2(a, b)
+#define TC_FN(name) TC_CAT(name, TELECHAT_SUFFIX)
+
+namespace {
+
+inline float half_to_float(uint16_t h) {
+#if TELECHAT_ISA >= 1
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0 && man == 0) {
+        bits = sign;
+    } else if (exp == 0) {  // subnormal
+        exp = 113;
+        while (!(man & 1024)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 1023) << 13);
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+inline float bf16_to_float(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+
+// Row n's per-group offsets (m, or -s z; plus 128 s where the 8-bit AVX2 path multiplies by q - 128) and
+// per-block scales, so the block loop neither converts nor divides.
+inline void row_params(const uint16_t *s, const uint16_t *mins, const uint8_t *zeros, int64_t G, int64_t bpg,
+                       float shift, float *off, float *bsc) {
+    int64_t g = 0;
+#if TELECHAT_ISA >= 1
+    for (; g + 8 <= G; g += 8) {
+        const __m256 sg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g)));
+        __m256 o = mins ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + g)))
+                        : _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), sg),
+                                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zeros + g)))));
+        _mm256_storeu_ps(off + g, _mm256_fmadd_ps(_mm256_set1_ps(shift), sg, o));
+        if (bpg == 1) {
+            _mm256_storeu_ps(bsc + g, sg);
+        } else {
+            float v[8];
+            _mm256_storeu_ps(v, sg);
+            for (int i = 0; i < 8; i++)
+                for (int64_t j = 0; j < bpg; j++) bsc[(g + i) * bpg + j] = v[i];
+        }
+    }
+#endif
+    for (; g < G; g++) {
+        const float sg = half_to_float(s[g]);
+        off[g] = (mins ? half_to_float(mins[g]) : -sg * (float)zeros[g]) + shift * sg;
+        for (int64_t j = 0; j < bpg; j++) bsc[g * bpg + j] = sg;
+    }
+}
+
+// sum a[i] b[i]
+inline float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float t = 0.f;
+#if TELECHAT_ISA >= 1
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    t = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+#if TELECHAT_ISA >= 1
+inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 32 codes of one block as bytes in column order.
+inline __m256i codes32(const uint8_t *p, int bits) {
+    if (bits == 8) return _mm256_loadu_si256((const __m256i *)p);
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, m4)),
+                                   _mm_and_si128(_mm_srli_epi16(v, 4), m4), 1);
+}
+
+// 8 int32 lanes whose sum is q . x for 32 codes (unsigned; 8-bit ones as q - 128) and 32 int8 x.
+inline __m256i dot32(__m256i q, __m256i x, int bits) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (bits == 4) return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);  // 15 * 127 * 2 fits int16
+    // maddubs takes one unsigned operand: |q - 128| and x carrying q - 128's sign (128 * 127 * 2 fits).
+    const __m256i qs = _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(qs), _mm256_sign_epi8(x, qs)), ones);
+}
+#endif
+
+#if TELECHAT_ISA >= 2
+// 64 codes (two blocks) as bytes in column order.
+inline __m512i codes64(const uint8_t *p, int bits) {
+    if (bits == 8) return _mm512_loadu_si512((const void *)p);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p), m4 = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    // [lo0 lo1 hi0 hi1] (16 bytes each) -> [lo0 hi0 lo1 hi1]: block 0's columns, then block 1's
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return _mm512_shuffle_i64x2(w, w, 0xD8);
+}
+#endif
+
+// MR activation rows against one weight row; bsc[b] is block b's weight scale. Returns the block sums
+// (no offsets) in out. Two accumulators per row hide the FMA latency when MR is small.
+template <int MR>
+inline void row_dot(const int8_t *xq, const float *xd8, int64_t K, const uint8_t *q, const float *bsc, int bits,
+                    float *out) {
+    const int64_t nb = K / 32, bbytes = bits == 4 ? 16 : 32;
+#if TELECHAT_ISA >= 2
+    __m512 acc[2][MR];
+    for (int r = 0; r < MR; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    auto pair = [&](int64_t b, __m512 *a) {
+        const __m512i w = codes64(q + b * bbytes, bits);
+        const __m512 sv = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(bsc[b]), _mm512_set1_ps(bsc[b + 1]));
+        for (int r = 0; r < MR; r++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(xq + r * K + b * 32));
+            const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+            a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, _mm512_loadu_ps(xd8 + r * nb * 8 + b * 8)),
+                                   a[r]);
+        }
+    };
+    for (; b + 4 <= nb; b += 4) {
+        pair(b, acc[0]);
+        pair(b + 2, acc[1]);
+    }
+    for (; b + 2 <= nb; b += 2) pair(b, acc[0]);
+    float total[MR];
+    for (int r = 0; r < MR; r++) total[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]));
+    for (; b < nb; b++) {  // the odd last block, if any
+        const __m256i w = codes32(q + b * bbytes, bits);
+        for (int r = 0; r < MR; r++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * 32));
+            const __m256i d = bits == 4 ? dot32(w, xv, 4) : _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
+            total[r] += hsum256(_mm256_cvtepi32_ps(d)) * bsc[b] * xd8[r * nb * 8 + b * 8];
+        }
+    }
+    for (int r = 0; r < MR; r++) out[r] = total[r];
+#elif TELECHAT_ISA == 1
+    __m256 acc[2][MR];
+    for (int r = 0; r < MR; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+    auto block = [&](int64_t b, __m256 *a) {
+        const __m256i w = codes32(q + b * bbytes, bits);
+        const __m256 sv = _mm256_set1_ps(bsc[b]);
+        for (int r = 0; r < MR; r++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * 32));
+            a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(w, xv, bits)),
+                                   _mm256_mul_ps(sv, _mm256_loadu_ps(xd8 + r * nb * 8 + b * 8)), a[r]);
+        }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        block(b, acc[0]);
+        block(b + 1, acc[1]);
+    }
+    if (b < nb) block(b, acc[0]);
+    for (int r = 0; r < MR; r++) out[r] = hsum256(_mm256_add_ps(acc[0][r], acc[1][r]));
+#else
+    for (int r = 0; r < MR; r++) out[r] = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qb = q + b * bbytes;
+        for (int r = 0; r < MR; r++) {
+            const int8_t *xb = xq + r * K + b * 32;
+            int32_t dot = 0;
+            if (bits == 4) {
+                for (int j = 0; j < 16; j++) dot += (qb[j] & 15) * (int32_t)xb[j] + (qb[j] >> 4) * (int32_t)xb[j + 16];
+            } else {
+                for (int j = 0; j < 32; j++) dot += qb[j] * (int32_t)xb[j];
+            }
+            out[r] += (float)dot * bsc[b] * xd8[r * nb * 8 + b * 8];
+        }
+    }
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [M, K] fp32 -> xq [M, K] int8, xd8 [M, K/32 * 8], xsg [M, K/gs] (see the top of the file).
+void TC_FN(telechat_quantize_rows)(const float *x, int64_t M, int64_t K, int64_t gs, int8_t *xq, float *xd8,
+                                   float *xsg) {
+    const int64_t nb = K / 32, G = K / gs, bpg = gs / 32;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t g = 0; g < G; g++) xsg[m * G + g] = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + m * K + b * 32;
+            float amax = 0.f;
+            for (int j = 0; j < 32; j++) amax = std::fmax(amax, std::fabs(xb[j]));
+            const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+            int32_t sum = 0;
+            for (int j = 0; j < 32; j++) {
+                const int32_t v = (int32_t)std::nearbyint(xb[j] * inv);
+                xq[m * K + b * 32 + j] = (int8_t)v;
+                sum += v;
+            }
+            for (int j = 0; j < 8; j++) xd8[(m * nb + b) * 8 + j] = d;
+            xsg[m * G + b / bpg] += d * (float)sum;
+        }
+    }
+}
+
+// y[m, n] for n in [n0, n1) and all M rows; y is [M, N]; bias [N] fp32 or null; exactly one of mins/zeros;
+// off: scratch for K/gs + K/32 floats.
+void TC_FN(telechat_qgemm)(const int8_t *xq, const float *xd8, const float *xsg, int64_t M, const uint8_t *codes,
+                           const uint16_t *scales, const uint16_t *mins, const uint8_t *zeros, const float *bias,
+                           float *y, int64_t N, int64_t K, int64_t gs, int bits, int64_t n0, int64_t n1, float *off) {
+    const int64_t G = K / gs, bpg = gs / 32, nb = K / 32, stride = bits == 4 ? K / 2 : K;
+    const float shift = (TELECHAT_ISA == 1 && bits == 8) ? 128.f : 0.f;
+    float *bsc = off + G;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *q = codes + n * stride;
+        const uint16_t *s = scales + n * G;
+        row_params(s, mins ? mins + n * G : nullptr, zeros ? zeros + n * G : nullptr, G, bpg, shift, off, bsc);
+        const float bn = bias ? bias[n] : 0.f;
+        float out[4];
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) {
+            row_dot<4>(xq + m * K, xd8 + m * nb * 8, K, q, bsc, bits, out);
+            for (int r = 0; r < 4; r++) {
+                y[(m + r) * N + n] = out[r] + bn + dot_f32(off, xsg + (m + r) * G, G);
+            }
+        }
+        for (; m < M; m++) {
+            row_dot<1>(xq + m * K, xd8 + m * nb * 8, K, q, bsc, bits, out);
+            y[m * N + n] = out[0] + bn + dot_f32(off, xsg + m * G, G);
+        }
+    }
+}
+
+// y [M, N] rows n0..n1 = x [M, K] fp32 times w [N, K] held as bf16 (bf16 != 0) or IEEE half, in fp32.
+void TC_FN(telechat_hgemm)(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N,
+                           int64_t K, int bf16, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint16_t *wn = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * K;
+            int64_t k = 0;
+            float t = 0.f;
+#if TELECHAT_ISA >= 1
+            __m256 a = _mm256_setzero_ps();
+            for (; k + 8 <= K; k += 8) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(wn + k));
+                const __m256 wv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+                                       : _mm256_cvtph_ps(v);
+                a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xm + k), a);
+            }
+            t = hsum256(a);
+#endif
+            for (; k < K; k++) t += (bf16 ? bf16_to_float(wn[k]) : half_to_float(wn[k])) * xm[k];
+            y[m * N + n] = t + (bias ? bias[n] : 0.f);
+        }
+    }
+}
+
+}  // extern "C"
