@@ -2,7 +2,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,121 +125,102 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def imported_smollm2(tmp_path_factory):
-    return import_model(smollm2(), tmp_path_factory.mktemp("smol") / "SmolLM2", progress=False)
+    return import_model(smollm2(), tmp_path_factory.mktemp("smol") / "SmolLM2", progress=False, keep_quantized=False)
+
+
+def requantized_gguf(src: Path, dst: Path, ggml_type: str) -> Path:
+    """`src` with its blocks' linear weights re-quantized to `ggml_type` by gguf-py (metadata and other
+    tensors as they were)."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), arch="llama")
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+    target = GGMLQuantizationType[ggml_type]
+    for t in r.tensors:
+        if t.name.startswith("blk.") and t.tensor_type.name == "Q4_1":
+            dense = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w.add_tensor(t.name, quantize(dense, target), raw_dtype=target)
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.fixture(scope="module", params=["Q4_1", "Q4_0", "Q8_0"])
+def kept_and_dense(request, tmp_path_factory):
+    """The default model's GGUF (Q4_1 as published, or re-quantized) imported twice: kept quantized
+    and dequantized to fp32 (gguf-py's dequantize: the independent reference)."""
+    d = tmp_path_factory.mktemp(request.param)
+    g = smollm2() if request.param == "Q4_1" else requantized_gguf(smollm2(), d / "m.gguf", request.param)
+    return (request.param, import_model(g, d / "kept", progress=False),
+            import_model(g, d / "dense", progress=False, keep_quantized=False), g)
 
 
 @pytest.mark.slow
-def test_gguf_import_matches_transformers_gguf_loader(imported_smollm2):
-    pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
-    from transformers import AutoModelForCausalLM
-
-    gguf = smollm2()
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    llm = telechat.load(imported_smollm2)
-    ids = torch.tensor([llm.tokenizer.encode("What is the capital of France? 北京 12345")])
-    with torch.inference_mode():
-        assert rel_err(llm.model(ids), hf(ids).logits) < 1e-4
-
-
-def test_imported_smollm2_answers_paris(imported_smollm2):
-    llm = telechat.load(imported_smollm2)
-    assert llm.chat_format == "template"
-    ids = llm.tokenizer.encode("What is the capital of France? 12345")
-    # Byte-level BPE with single digits, as the model was trained.
-    assert [llm.tokenizer.id_to_token(i) for i in ids[-5:]] == list("12345")
-    answer, history = llm.chat("What is the capital of France? Answer in one sentence.", max_new_tokens=40)
-    assert "Paris" in answer
-    assert history[-1] == {"role": "bot", "content": answer}
-    assert "<|im_end|>" not in answer
-
-
-def test_default_model_is_imported_once(tmp_path, monkeypatch):
-    smollm2()
-    monkeypatch.setenv("TELECHAT_HOME", str(tmp_path))
-    first = subprocess.run([sys.executable, "-m", "telechat.cli", "chat", "--prompt",
-                            "What is the capital of France? Answer in one sentence.", "--max-new-tokens", "40"],
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    assert "Paris" in first.stdout
-    assert "importing the default model" in first.stderr
-    assert (tmp_path / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
-    second = subprocess.run([sys.executable, "-m", "telechat.cli", "info", "--model", "default"],
-                            capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and "importing" not in second.stderr
-    assert "134,549,568" in second.stdout
-
-
-def _vllm_style_llama_state_dict(folder, n_head, head_dim):
-    """What vLLM's TeleChat2ForCausalLM loader does with the exported keys (its documented mapping:
-    `transformer.` -> `model.`, `.h.` -> `.layers.`, `.self_attention.` -> `.self_attn.`,
-    `.word_embeddings.` -> `.embed_tokens.`, `.dense.` -> `.o_proj.`, `.ln_f.` -> `.norm.`, and
-    `key_value` split per head with a stride of 2 * head_dim over n_head heads), in HF Llama names."""
+def test_gguf_kept_quantized_is_the_dequantized_import(kept_and_dense, tmp_path):
     from safetensors.torch import load_file
 
-    out = {}
-    for key, t in load_file(str(folder / "model.safetensors")).items():
-        name = key.replace("transformer.", "model.", 1) if key.startswith("transformer.") else key
-        for a, b in ((".h.", ".layers."), (".self_attention.", ".self_attn."), (".word_embeddings.", ".embed_tokens."),
-                     (".dense.", ".o_proj."), (".ln_f.", ".norm.")):
-            name = name.replace(a, b)
-        if "self_attn.key_value" in name:
-            starts = [i * head_dim * 2 for i in range(n_head)]
-            out[name.replace("key_value", "k_proj")] = torch.cat([t[s:s + head_dim] for s in starts])
-            out[name.replace("key_value", "v_proj")] = torch.cat([t[s + head_dim:s + 2 * head_dim] for s in starts])
-        else:
-            out[name.replace(".query.", ".q_proj.")] = t
-    return out
+    from telechat.quant import quantized_layers, read_quant_config, use_kernel
+
+    ggml, kept, dense, _ = kept_and_dense
+    qcfg = read_quant_config(kept)
+    assert (qcfg.bits, qcfg.group_size, qcfg.zero_point) == {"Q4_1": (4, 32, "float"), "Q4_0": (4, 32, "int"),
+                                                              "Q8_0": (8, 32, "int")}[ggml]
+    sd = load_file(kept / "model.safetensors")
+    # Q4_0 and Q8_0 are plain AutoGPTQ v1 (zero points 8 and 128 stored minus one); Q4_1 stores fp16 mins
+    assert ("transformer.h.0.mlp.up_proj.mins" in sd) == (ggml == "Q4_1")
+    assert ("transformer.h.0.mlp.up_proj.qzeros" in sd) == (ggml != "Q4_1")
+    q, f = telechat.load(kept), telechat.load(dense, dtype="float32")
+    assert q.info()["quantization"] == f"gguf {ggml} (int{qcfg.bits} g32)"
+    layers = quantized_layers(q.model)
+    assert len(layers) == 6 * q.config.n_layer
+    fw = dict(f.model.named_parameters())
+    for name, m in q.model.named_modules():
+        if m in layers:  # every code, scale and offset, rows reordered for rotary and merged k/v alike
+            assert torch.equal(m.dequantize(), fw[name + ".weight"]), name
+    ids = torch.tensor([f.tokenizer.encode("What is the capital of France? 北京 12345")])
+    with torch.inference_mode():
+        ref = f.model(ids)
+        use_kernel(q.model, "dequant")  # fp32 activations: only the fp16 embedding's rounding differs
+        assert rel_err(q.model(ids), ref) < 2e-3
+        use_kernel(q.model, "auto")  # int8 activations
+        assert rel_err(q.model(ids), ref) < 6e-2
+    q.save(tmp_path / "again")  # and saved back as it loaded
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
 
 
-@pytest.mark.parametrize("kv_heads", [None, 2])
-def test_export_for_vllm_keeps_the_math(tmp_path, kv_heads):
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.mark.slow
+def test_gguf_kept_quantized_is_as_accurate_as_llama_cpp(kept_and_dense):
+    """llama.cpp on the same GGUF rounds activations to int8 per block of 32 as our kept model does: over
+    a few prompts, our next-token logits are as close to the exact ones (the fp32 dequantized import)
+    as llama.cpp's (within 2x), and pick the same token."""
+    pytest.importorskip("llama_cpp")
+    from test_gguf_export import run_llama_cpp
 
-    from telechat.convert import export_vllm
-
-    # base_seqlen 16 < training_seqlen 64: NTK alpha 7 applies at every length, and must be baked in.
-    llm = telechat.from_preset("small", seed=3, training_seqlen=64, seq_length=64, base_seqlen=16,
-                               num_key_value_heads=kv_heads)
-    with torch.no_grad():
-        for name, p in llm.model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(std=0.1)
-    src = llm.save(tmp_path / "src")
-    out = export_vllm(src, tmp_path / "vllm")
-    cfg = json.loads((out / "config.json").read_text())
-    c = llm.config
-    assert cfg["architectures"] == ["TeleChat2ForCausalLM"] and cfg["model_type"] == "telechat"
-    assert cfg["rope_theta"] == pytest.approx(10000.0 * 7 ** (c.head_dim / (c.head_dim - 2)))
-    assert cfg["tie_word_embeddings"] is False and cfg["max_position_embeddings"] == 64
-    assert "auto_map" not in cfg
-    sd = _vllm_style_llama_state_dict(out, cfg["n_head"], cfg["hidden_size"] // cfg["n_head"])
-    assert "lm_head.weight" in sd  # explicit head even though the preset ties it
-    # vLLM's Llama built from this config (its attribute map, silu, biases on o_proj/down_proj only).
-    lc = LlamaConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["n_layer"],
-                     num_attention_heads=cfg["n_head"], num_key_value_heads=cfg["num_key_value_heads"],
-                     intermediate_size=cfg["ffn_hidden_size"], rms_norm_eps=cfg["layer_norm_epsilon"],
-                     rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
-                     tie_word_embeddings=False, attention_bias=True, mlp_bias=True, hidden_act=cfg["hidden_act"])
-    ref = LlamaForCausalLM(lc).eval()
-    zero_bias = {k: torch.zeros_like(v) for k, v in ref.state_dict().items()
-                 if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias", "up_proj.bias"))}
-    ref.load_state_dict({**sd, **zero_bias}, strict=True)
-    ids = torch.randint(0, c.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert rel_err(ref(ids).logits, llm.model(ids)) < 1e-5
-
-
-def test_output_that_is_not_a_checkpoint_is_never_replaced(hf_llama_dir, tmp_path, monkeypatch):
-    src, _ = hf_llama_dir
-    precious = tmp_path / "home"
-    precious.mkdir()
-    (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
-        import_model(src, precious, progress=False)
-    assert (precious / "notes.txt").read_text() == "keep me"
-    # The working directory itself (`--output .`) is refused even when it looks like a checkpoint.
-    ckpt = import_model(src, tmp_path / "ckpt", progress=False)
-    monkeypatch.chdir(ckpt)
-    with pytest.raises(CheckpointError, match="working directory"):
-        import_model(src, ".", progress=False)
-    assert (ckpt / "config.json").exists()
+    ggml, kept, dense, gguf = kept_and_dense
+    q, f = telechat.load(kept), telechat.load(dense, dtype="float32")
+    prompts = ["The capital of France is Paris. The capital of Germany is",
+               "def fibonacci(n):\n    if n < 2:\n        return", "北京是中国的首都，上海是",
+               "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"]
+    ours, theirs, same = [], [], 0
+    for text in prompts:
+        ids = q.tokenizer.encode(text)
+        with torch.inference_mode():
+            exact = f.model(torch.tensor([ids]))[0, -1].double()
+            mine = q.model(torch.tensor([ids]))[0, -1].double()
+        llama = torch.tensor(run_llama_cpp(gguf, ids, steps=0)["logits"], dtype=torch.float64)
+        ours.append(rel_err(mine, exact))
+        theirs.append(rel_err(llama, exact))
+        same += int(mine.argmax() == exact.argmax())
+    assert np.mean(ours) <= 2 * np.mean(theirs) + 0.01, (ggml, ours, theirs)
+    assert same >= len(prompts) - 1, ggml

@@ -165,21 +165,25 @@ def info(model: str = "default", device: str = "cpu", dtype: str | None = None, 
 
 
 @command
-def import_(source: str, /, output: str, quiet: bool = False) -> int:
+def import_(source: str, /, output: str, keep_quantized: bool | None = None, quiet: bool = False) -> int:
     """Convert a LLaMA-family model into the TeleChat checkpoint layout.
 
-    SOURCE is a GGUF file (any GGML quantization; dequantized to fp32) or an HF LLaMA-style
-    folder (safetensors or bin). The result carries its tokenizer (tokenizer.json), chat template
-    and generation config, and loads with `telechat.load` / `telechat chat --model OUTPUT`.
+    SOURCE is a GGUF file or an HF LLaMA-style folder (safetensors or bin). A GGUF whose linear
+    layers are all Q4_0/Q4_1 or all Q8_0 keeps them quantized (AutoGPTQ tensors, group 32; Q4_1's
+    offsets as fp16 `mins`), other GGML types are dequantized to fp32. The result carries its
+    tokenizer (tokenizer.json), chat template and generation config, and loads with
+    `telechat.load` / `telechat chat --model OUTPUT`.
 
     Args:
         source: a .gguf file or an HF model folder.
         output: folder to write (replaced if it exists).
+        keep_quantized: keep Q4_0/Q4_1/Q8_0 layers quantized (default: where the file allows);
+            --no-keep-quantized dequantizes everything to fp32.
         quiet: no progress bar.
     """
     from .convert import import_model
 
-    out = import_model(source, output, progress=not quiet)
+    out = import_model(source, output, progress=not quiet, keep_quantized=keep_quantized)
     print(f"wrote {out}")
     return 0
 

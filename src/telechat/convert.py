@@ -67,12 +67,16 @@ def _atomic_folder(out: Path):
 
 
 def _write_checkpoint(out: Path, config: TeleChatConfig, tensors: dict[str, torch.Tensor], tokenizer_json: str | None,
-                      tokenizer_config: dict, generation_config: dict) -> None:
+                      tokenizer_config: dict, generation_config: dict, qcfg=None) -> None:
     """A failed import leaves nothing half-made."""
     config.extra["auto_map"] = dict(AUTO_MAP)
     with _atomic_folder(Path(out)) as tmp:
         save_tensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         config.save(tmp / "config.json")
+        if qcfg is not None:
+            from .quant import write_quant_config
+
+            write_quant_config(tmp, qcfg)
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
@@ -180,8 +184,70 @@ def _gguf_config(reader, path: Path) -> tuple[TeleChatConfig, int, int]:
     return config, n_head, n_kv
 
 
-def import_gguf(path: str | Path, output: str | Path, progress: bool = True) -> Path:
-    """Convert a GGUF file of a LLaMA-family model (any GGML quantization, dequantized to fp32)."""
+# GGML block types a linear layer can keep: name -> (bits, zero point kind, bytes per block of 32)
+KEEPABLE = {"Q4_0": (4, "int", 18), "Q4_1": (4, "float", 20), "Q8_0": (8, "int", 34)}
+_GGUF_LINEARS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
+                 "up": "ffn_up", "down": "ffn_down"}
+
+
+def gguf_linear_types(reader) -> set[str]:
+    """The GGML types of the blocks' linear layers."""
+    suffixes = tuple(f".{n}.weight" for n in _GGUF_LINEARS.values())
+    return {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(suffixes)}
+
+
+def _gguf_codes(t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0/Q4_1/Q8_0 weight [N, K] as codes [N, K] (uint8), scales [N, K/32] and offsets [N, K/32]
+    (fp16; w = scale * code + offset), exactly: Q4_0 offsets are -8 scale, Q8_0's -128 scale."""
+    bits, _, size = KEEPABLE[t.tensor_type.name]
+    K, N = (int(x) for x in t.shape)
+    b = np.ascontiguousarray(t.data, dtype=np.uint8).reshape(N, K // 32, size)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0]
+    if t.tensor_type.name == "Q8_0":
+        codes = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return codes.reshape(N, K), d, (d.astype(np.float32) * -128).astype(np.float16)
+    qs = b[..., size - 16:]
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(N, K)  # low nibbles: columns 0..15 of the block
+    if t.tensor_type.name == "Q4_1":
+        return codes, d, b[..., 2:4].copy().view(np.float16)[..., 0]
+    return codes, d, (d.astype(np.float32) * -8).astype(np.float16)
+
+
+def _quantized_linear(prefix: str, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
+                      float_zero: bool) -> dict[str, torch.Tensor]:
+    """AutoGPTQ tensors for codes [N, K], fp16 scales/offsets [N, G] (group 32); integer zero points
+    -offset/scale where every offset is one, else fp16 `mins` (see quant/format.py)."""
+    from .quant import pack
+
+    K = codes.shape[1]
+    out = {prefix + "qweight": pack(codes.t().to(torch.int64), bits, 0), prefix + "scales": scales.t().contiguous(),
+           prefix + "g_idx": (torch.arange(K, dtype=torch.int32) // 32)}
+    if float_zero:
+        out[prefix + "mins"] = offsets.t().contiguous()
+    else:
+        zero = 2 ** (bits - 1)  # Q4_0: 8, Q8_0: 128 (offsets -zero * scale, exact in fp16)
+        out[prefix + "qzeros"] = pack(torch.full((K // 32, codes.shape[0]), zero - 1, dtype=torch.int64), bits, 1)
+    return out
+
+
+def _keep_plan(reader, path: Path, keep_quantized: bool | None) -> tuple[int, str, str] | None:
+    """(bits, zero point kind, GGML types) when the linear layers stay quantized, None to dequantize."""
+    types = gguf_linear_types(reader)
+    bits = {KEEPABLE[t][0] for t in types if t in KEEPABLE}
+    ok = bool(types) and types <= set(KEEPABLE) and len(bits) == 1
+    if keep_quantized is False or (keep_quantized is None and not ok):
+        return None
+    if not ok:
+        raise CheckpointError(f"{path}: --keep-quantized takes linear layers all Q4_0/Q4_1 or all Q8_0; this file "
+                              f"has {', '.join(sorted(types)) or 'none'} (import without it to dequantize)")
+    zero = "float" if "Q4_1" in types else "int"
+    return bits.pop(), zero, "+".join(sorted(types))
+
+
+def import_gguf(path: str | Path, output: str | Path, progress: bool = True, keep_quantized: bool | None = None) -> Path:
+    """Convert a GGUF file of a LLaMA-family model. Linear layers in Q4_0/Q4_1/Q8_0 stay quantized
+    (`keep_quantized` None: where every layer allows it; True: or fail; False: never); everything
+    else, and every other GGML type, is dequantized (to fp32; a kept model's embedding to fp16)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -199,6 +265,9 @@ def import_gguf(path: str | Path, output: str | Path, progress: bool = True) -> 
         raise
     except (ConfigError, TypeError, ValueError, ZeroDivisionError) as e:  # metadata missing or of the wrong type
         raise CheckpointError(f"{path}: missing or malformed GGUF metadata ({type(e).__name__}: {e})") from None
+    plan = _keep_plan(reader, path, keep_quantized)
+    if plan is not None:
+        return _import_gguf_quantized(reader, path, Path(output), config, n_head, n_kv, plan, progress)
     raw: dict[str, torch.Tensor] = {}
     bar = _progress(len(reader.tensors), f"importing {path.name}", progress)
     for t in reader.tensors:
@@ -223,6 +292,67 @@ def import_gguf(path: str | Path, output: str | Path, progress: bool = True) -> 
     _write_checkpoint(Path(output), config, tensors, tokenizer_json, tokenizer_config,
                       _generation_config(config, tokenizer_config, tokenizer_json))
     return Path(output)
+
+
+def _import_gguf_quantized(reader, path: Path, output: Path, config: TeleChatConfig, n_head: int, n_kv: int,
+                           plan: tuple[int, str, str], progress: bool) -> Path:
+    from gguf.quants import dequantize
+
+    from .quant import QuantConfig
+
+    bits, zero, types = plan
+    qcfg = QuantConfig(bits=bits, group_size=32, sym=zero == "int", method="rtn", zero_point=zero,
+                       source=f"gguf {types}")
+    by_name = {t.name: t for t in reader.tensors}
+
+    def dense(name: str, dtype=torch.float32) -> torch.Tensor:
+        if name not in by_name:
+            raise CheckpointError(f"{path}: missing tensor {name}")
+        t = by_name.pop(name)
+        arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        arr = arr.reshape([int(x) for x in reversed(t.shape)]) if arr.ndim != len(t.shape) else arr
+        return torch.from_numpy(np.array(arr, dtype=np.float32)).to(dtype)
+
+    def linear(i: int, key: str) -> tuple[torch.Tensor, ...]:
+        name = f"blk.{i}.{_GGUF_LINEARS[key]}.weight"
+        if name not in by_name:
+            raise CheckpointError(f"{path}: missing tensor {name}")
+        codes, s, m = (torch.from_numpy(np.ascontiguousarray(a)) for a in _gguf_codes(by_name.pop(name)))
+        if key in ("q", "k"):  # llama.cpp's rotary row order, undone on codes and per-row scales alike
+            heads = n_head if key == "q" else n_kv
+            codes, s, m = (torch.from_numpy(np.ascontiguousarray(_unpermute_rope(a.numpy(), heads)))
+                           for a in (codes, s, m))
+        return codes, s, m
+
+    tensors = {"transformer.word_embeddings.weight": dense("token_embd.weight", torch.float16),
+               "transformer.ln_f.weight": dense("output_norm.weight")}
+    if not config.tie_word_embeddings:
+        tensors["lm_head.weight"] = dense("output.weight", torch.float16)
+    float_zero = zero == "float"
+    bar = _progress(config.n_layer, f"importing {path.name} ({types} kept)", progress)
+    zeros = torch.zeros(config.hidden_size, dtype=torch.float32)
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        parts = {key: linear(i, key) for key in _GGUF_LINEARS}
+        kv = tuple(merge_key_value(a, b, config) for a, b in zip(parts["k"], parts["v"]))
+        for module, part in (("self_attention.query", parts["q"]), ("self_attention.key_value", kv),
+                             ("self_attention.dense", parts["o"]), ("mlp.gate_proj", parts["gate"]),
+                             ("mlp.up_proj", parts["up"]), ("mlp.down_proj", parts["down"])):
+            qcfg.check_layer(p + module, part[0].shape[1], part[0].shape[0])
+            tensors.update(_quantized_linear(p + module + ".", *part, bits, float_zero))
+        tensors.update({p + "input_layernorm.weight": dense(f"blk.{i}.attn_norm.weight"),
+                        p + "post_attention_layernorm.weight": dense(f"blk.{i}.ffn_norm.weight"),
+                        p + "self_attention.dense.bias": zeros.clone(), p + "mlp.down_proj.bias": zeros.clone()})
+        bar.update()
+    bar.close()
+    if by_name:
+        raise CheckpointError(f"{path}: tensors this import cannot express: {', '.join(sorted(by_name)[:10])}")
+    tokenizer_json, tokenizer_config = gguf_tokenizer(reader)
+    config.torch_dtype = "float32"  # activations; the codes stay codes and the embedding fp16
+    config.extra["quantization_config"] = qcfg.to_hf()
+    _write_checkpoint(output, config, tensors, tokenizer_json, tokenizer_config,
+                      _generation_config(config, tokenizer_config, tokenizer_json), qcfg)
+    return output
 
 
 def _generation_config(config: TeleChatConfig, tokenizer_config: dict, tokenizer_json: str | None) -> dict:
@@ -348,11 +478,15 @@ def import_hf(path: str | Path, output: str | Path, progress: bool = True) -> Pa
     return Path(output)
 
 
-def import_model(source: str | Path, output: str | Path, progress: bool = True) -> Path:
-    """Import a `.gguf` file or an HF LLaMA-style folder into the TeleChat layout at `output`."""
+def import_model(source: str | Path, output: str | Path, progress: bool = True,
+                 keep_quantized: bool | None = None) -> Path:
+    """Import a `.gguf` file or an HF LLaMA-style folder into the TeleChat layout at `output`
+    (`keep_quantized`: see `import_gguf`; GGUF only)."""
     source = Path(source).expanduser()
     if source.is_file() and source.suffix == ".gguf":
-        return import_gguf(source, output, progress)
+        return import_gguf(source, output, progress, keep_quantized)
+    if keep_quantized:
+        raise CheckpointError(f"{source}: --keep-quantized applies to GGUF files")
     if source.is_dir():
         return import_hf(source, output, progress)
     raise CheckpointError(f"{source}: expected a .gguf file or an HF model folder")

@@ -149,7 +149,8 @@ def ensure_default_model(progress: bool = True) -> Path:
     gguf = smollm2_gguf()
     print(f"telechat: importing the default model {DEFAULT_MODEL} from {gguf.name} into {out} (once)",
           file=sys.stderr)
-    return import_gguf(gguf, out, progress=progress)
+    # Dequantized for now: training, LoRA and the transformers/llama.cpp parity checks start from it.
+    return import_gguf(gguf, out, progress=progress, keep_quantized=False)
 
 
 def resolve_model(path: str | os.PathLike) -> Path:
