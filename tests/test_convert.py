@@ -166,7 +166,7 @@ def kept_and_dense(request, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_gguf_kept_quantized_is_the_dequantized_import(kept_and_dense, tmp_path):
+def test_gguf_kept_quantized_is_the_dequantized_import(kept_and_dense, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from telechat.quant import quantized_layers, read_quant_config, use_kernel
@@ -188,10 +188,17 @@ def test_gguf_kept_quantized_is_the_dequantized_import(kept_and_dense, tmp_path)
         if m in layers:  # every code, scale and offset, rows reordered for rotary and merged k/v alike
             assert torch.equal(m.dequantize(), fw[name + ".weight"]), name
     ids = torch.tensor([f.tokenizer.encode("What is the capital of France? 北京 12345")])
+    from telechat.engine import default_compile
+    from telechat.quant import kernels
+
+    # 135M weights: the decode step is compiled by default where the layers run the graph-safe operator
+    monkeypatch.delenv("TELECHAT_COMPILE", raising=False)  # the suite's own default: off
+    assert default_compile(q.model, torch.device("cpu")) == kernels.available()
     with torch.inference_mode():
         ref = f.model(ids)
         use_kernel(q.model, "dequant")  # fp32 activations: only the fp16 embedding's rounding differs
         assert rel_err(q.model(ids), ref) < 2e-3
+        assert not default_compile(q.model, torch.device("cpu"))
         use_kernel(q.model, "auto")  # int8 activations
         assert rel_err(q.model(ids), ref) < 6e-2
     q.save(tmp_path / "again")  # and saved back as it loaded

@@ -192,17 +192,20 @@ class BlockTable:
 
 
 def default_compile(model, device: torch.device) -> bool:
-    """Compile the decode step where it pays: on accelerators, and on CPU for float models big
-    enough that decoding streams weights (tiny models spend longer compiling than decoding)."""
+    """Compile the decode step where it pays: on accelerators, and on CPU for models big enough that
+    decoding streams weights (tiny models spend longer compiling than decoding). Quantized layers
+    count by their weights; on CPU they must run telechat's operator (other paths break the graph)."""
     if os.environ.get("TELECHAT_COMPILE") in ("0", "1"):
         return os.environ["TELECHAT_COMPILE"] == "1"
     from .quant import quantized_layers
 
-    if any(True for _ in quantized_layers(model)):
-        return False
+    layers = quantized_layers(model)
     if device.type != "cpu":
-        return True
-    return sum(p.numel() for p in model.parameters()) >= 50_000_000
+        return not layers  # quantized CUDA steps have not been measured compiled
+    if any(layer.path != "native" for layer in layers):
+        return False
+    weights = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in layers)
+    return weights >= 50_000_000
 
 
 def _memory_budget_bytes(device: torch.device) -> int:
