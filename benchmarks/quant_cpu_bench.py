@@ -26,41 +26,16 @@ FILLER = ("The lighthouse stood on the rocks for a hundred years, and every nigh
           "to light the lamp. ")
 
 
-def requantize(src: Path, dst: Path, ggml_type: str) -> None:
-    """`src` with the blocks' linear weights re-quantized to `ggml_type` by gguf-py."""
-    import numpy as np
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-    from gguf.quants import dequantize, quantize
-
-    r = GGUFReader(str(src))
-    w = GGUFWriter(str(dst), arch="llama")
-    for name, field in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
-    target = GGMLQuantizationType[ggml_type]
-    for t in r.tensors:
-        if t.name.startswith("blk.") and t.tensor_type.name in ("Q4_0", "Q4_1", "Q8_0"):
-            w.add_tensor(t.name, quantize(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32), target),
-                         raw_dtype=target)
-        else:
-            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def prepare(work: Path) -> dict[str, Path]:
     from telechat.convert import import_gguf
     from telechat.default_model import smollm2_gguf
+    from telechat.gguf_export import requantize_gguf
 
     work.mkdir(parents=True, exist_ok=True)
     q41 = smollm2_gguf()
     q80 = work / "smollm2-q8_0.gguf"
     if not q80.exists():
-        requantize(q41, q80, "Q8_0")
+        requantize_gguf(q41, q80, "Q8_0")
     out = {"gguf-q4_1": q41, "gguf-q8_0": q80}
     for name, g in (("telechat-q4_1", q41), ("telechat-q8_0", q80)):
         folder = work / name

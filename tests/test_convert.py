@@ -11,6 +11,7 @@ import torch
 import telechat
 from telechat.checkpoint import CheckpointError
 from telechat.convert import import_model
+from telechat.gguf_export import requantize_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,39 +129,12 @@ def imported_smollm2(tmp_path_factory):
     return import_model(smollm2(), tmp_path_factory.mktemp("smol") / "SmolLM2", progress=False, keep_quantized=False)
 
 
-def requantized_gguf(src: Path, dst: Path, ggml_type: str) -> Path:
-    """`src` with its blocks' linear weights re-quantized to `ggml_type` by gguf-py (metadata and other
-    tensors as they were)."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-    from gguf.quants import dequantize, quantize
-
-    r = GGUFReader(str(src))
-    w = GGUFWriter(str(dst), arch="llama")
-    for name, field in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
-    target = GGMLQuantizationType[ggml_type]
-    for t in r.tensors:
-        if t.name.startswith("blk.") and t.tensor_type.name == "Q4_1":
-            dense = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            w.add_tensor(t.name, quantize(dense, target), raw_dtype=target)
-        else:
-            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 @pytest.fixture(scope="module", params=["Q4_1", "Q4_0", "Q8_0"])
 def kept_and_dense(request, tmp_path_factory):
     """The default model's GGUF (Q4_1 as published, or re-quantized) imported twice: kept quantized
     and dequantized to fp32 (gguf-py's dequantize: the independent reference)."""
     d = tmp_path_factory.mktemp(request.param)
-    g = smollm2() if request.param == "Q4_1" else requantized_gguf(smollm2(), d / "m.gguf", request.param)
+    g = smollm2() if request.param == "Q4_1" else requantize_gguf(smollm2(), d / "m.gguf", request.param)
     return (request.param, import_model(g, d / "kept", progress=False),
             import_model(g, d / "dense", progress=False, keep_quantized=False), g)
 

@@ -259,3 +259,41 @@ def export_gguf(source: str | Path, output: str | Path, outtype: str = "f32") ->
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def requantize_gguf(source: str | Path, output: str | Path, ggml_type: str) -> Path:
+    """A copy of the GGUF file `source` whose blocks' Q4_0/Q4_1/Q8_0 weights are re-quantized to `ggml_type`
+    (one of those three) by gguf-py; metadata and every other tensor as they were. Dequantizing first,
+    so each step adds its own rounding: for comparing engines on the same model at another type."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    kept = ("Q4_0", "Q4_1", "Q8_0")
+    if ggml_type not in kept:
+        raise ValueError(f"ggml_type must be one of {', '.join(kept)}, got {ggml_type!r}")
+    reader = GGUFReader(str(source))
+    out = Path(output)
+    tmp = out.with_name(temp_name(out.name))
+    try:
+        w = GGUFWriter(str(tmp), arch=reader.fields["general.architecture"].contents())
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or name == "general.architecture":
+                continue
+            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+        target = GGMLQuantizationType[ggml_type]
+        for t in reader.tensors:
+            if t.name.startswith("blk.") and t.tensor_type.name in kept:
+                dense = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+                w.add_tensor(t.name, quantize(dense, target), raw_dtype=target)
+            else:
+                w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
