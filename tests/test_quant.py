@@ -3,6 +3,7 @@ their kernels, loading published-style checkpoints, and the errors on bad input.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import weakref
 from pathlib import Path
@@ -347,6 +348,31 @@ def test_operator_is_a_graph_node_for_torch_compile(each_isa):
     torch.library.opcheck(torch.ops.telechat.hlinear.default, (x, torch.randn(5, 128).half(), None))
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+def test_without_a_compiler_quantized_layers_dequantize(gptq4_dir, tmp_path):
+    """A machine with no C++ compiler (none on PATH, CXX unusable, an empty $TELECHAT_HOME): the model loads,
+    its layers take the dequantize path, nothing is built, and it generates what that path gives here."""
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    code = ("import torch, telechat; from telechat.quant import kernels, use_kernel; "
+            f"q = telechat.load({str(gptq4_dir)!r}); "
+            "print(kernels.available(), use_kernel(q.model, 'auto')); "
+            "print(q.generate(torch.arange(6)[None], max_new_tokens=8, repetition_penalty=1.0, eos_token_id=-1)[0].tolist())")
+    env = {**os.environ, "PATH": str(bin_dir), "CXX": "/nonexistent/c++", "TELECHAT_HOME": str(tmp_path / "home")}
+    r = subprocess.run([str(bin_dir / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    state, tokens = r.stdout.strip().splitlines()[-2:]
+    assert state == "False {'dequant': 12}"
+    assert not list((tmp_path / "home").glob("kernels/*.so"))
+    q = telechat.load(gptq4_dir)
+    use_kernel(q.model, "dequant")
+    assert q.generate(torch.arange(6)[None], max_new_tokens=8, repetition_penalty=1.0,
+                      eos_token_id=-1)[0].tolist() == json.loads(tokens)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
