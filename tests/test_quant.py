@@ -350,6 +350,36 @@ def test_operator_is_a_graph_node_for_torch_compile(each_isa):
     torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
 
 
+def test_layers_sharing_an_input_run_as_one_call(gptq4_dir):
+    """query + key_value and gate_proj + up_proj run as one operator call each: the same logits bit for bit,
+    the layers' rows views of the stack (nothing stored twice), and a layer taken off the native path
+    is called on its own again."""
+    from telechat.quant.linear import StackedQuantLinear
+
+    if not kernels.available():
+        pytest.skip("no C++ compiler for the native operators")
+    q = telechat.load(gptq4_dir)
+    blocks = q.model.transformer.h
+    assert all(isinstance(b.self_attention.qkv, StackedQuantLinear) and isinstance(b.mlp.gate_up, StackedQuantLinear)
+               for b in blocks)
+    att = blocks[0].self_attention
+    assert att.key_value.qrows.untyped_storage().data_ptr() == att.qkv.stack["qrows"].untyped_storage().data_ptr()
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stacked = q.model(ids)
+        for b in blocks:
+            b.self_attention.qkv = b.mlp.gate_up = None
+        assert torch.equal(stacked, q.model(ids))
+        use_kernel(q.model, "auto")  # stacked again
+        mlp = blocks[0].mlp
+        assert mlp.gate_up.serves(mlp.gate_proj, mlp.up_proj)
+        mlp.gate_proj.prepare("dequant")
+        assert not mlp.gate_up.serves(mlp.gate_proj, mlp.up_proj)
+        w = mlp.gate_proj.dequantize()
+        x = torch.randn(3, w.shape[1])
+        torch.testing.assert_close(mlp.gate_proj(x), x @ w.t())  # its own path, from the stack's views
+
+
 def test_without_a_compiler_quantized_layers_dequantize(gptq4_dir, tmp_path):
     """A machine with no C++ compiler (none on PATH, CXX unusable, an empty $TELECHAT_HOME): the model loads,
     its layers take the dequantize path, nothing is built, and it generates what that path gives here."""

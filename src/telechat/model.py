@@ -35,12 +35,18 @@ class Attention(nn.Module):
         self.key_value = nn.Linear(H, 2 * self.n_kv * d, bias=config.qkv_bias)
         self.dense = nn.Linear(self.n_head * d, H, bias=config.bias)
         self.dropout = config.attention_dropout
+        self.qkv = None  # query and key_value as one call, where quantized layers allow (quant.use_kernel)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, mask=None, cache=None) -> Tensor:
         B, T, _ = x.shape
-        k, v = self.key_value(x).view(B, T, self.n_kv, 2, self.head_dim).unbind(3)
+        if self.qkv is not None and self.qkv.serves(self.query, self.key_value):
+            q, kv = self.qkv(x)
+        else:
+            kv = self.key_value(x)
+            q = self.query(x)
+        k, v = kv.view(B, T, self.n_kv, 2, self.head_dim).unbind(3)
         k, v = apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
-        q = apply_rope(self.query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
         dropout = self.dropout if self.training else 0.0
         if cache is not None:  # the cache step writes these keys/values and attends
             y = cache.attend(self.layer, q, k, v)
@@ -58,9 +64,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(H, Fd, bias=False)
         self.up_proj = nn.Linear(H, Fd, bias=False)
         self.down_proj = nn.Linear(Fd, H, bias=config.bias)
+        self.gate_up = None  # gate_proj and up_proj as one call, where quantized layers allow (quant.use_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and self.gate_up.serves(self.gate_proj, self.up_proj):
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

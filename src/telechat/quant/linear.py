@@ -50,6 +50,7 @@ class QuantLinear(nn.Module):
         self.path = "dequant"
         self.requested = "auto"
         self._reorder = False
+        self.rows_version = 0  # bumped when the rows layout is made or moved (a stack of them goes stale)
 
     @classmethod
     def from_weight(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -110,6 +111,7 @@ class QuantLinear(nn.Module):
             self._buffers.pop(name, None)
         for name, t in rows.items():
             self.register_buffer(name, t, persistent=False)
+        self.rows_version += 1
 
     @staticmethod
     def _pack_nibbles(codes: Tensor) -> Tensor:
@@ -189,7 +191,10 @@ class QuantLinear(nn.Module):
         """`.to()`, `.cuda()`, `.half()`...: buffers follow the device, but the fp16 scales keep their
         dtype (they are the checkpoint's, and bf16 would round them); kernel layouts are rebuilt."""
         keep = {n: self._buffers.pop(n) for n in ("scales", "srows", "mins", "mrows") if self._buffers.get(n) is not None}
+        rows = self._buffers.get("qrows")
         super()._apply(fn, recurse)
+        if self._buffers.get("qrows") is not rows:  # moved: a stack holding the old rows no longer serves
+            self.rows_version += 1
         if keep:
             device = fn(torch.empty(0, device=next(iter(keep.values())).device)).device
             self._buffers.update({n: t.to(device) for n, t in keep.items()})
@@ -287,13 +292,65 @@ def quantize_modules(model: nn.Module, qcfg: QuantConfig) -> None:
             setattr(block.get_submodule(parent), attr, q)
 
 
+class StackedQuantLinear(nn.Module):
+    """QuantLinear layers that read the same input (query and key_value; gate_proj and up_proj) run as
+    one operator call: their rows stacked, and the layers' own rows made views of the stack, so nothing
+    is stored twice. `serves(*layers)` says whether it still stands for exactly those layers, unmoved
+    and on the native path (else the model calls them one by one)."""
+
+    def __init__(self, layers: list[QuantLinear]):
+        super().__init__()
+        first = layers[0]
+        self.parts = tuple(layers)  # not submodules: their parents own them
+        self.versions = None
+        self.bits, self.group_size, self.sizes = first.bits, first.group_size, [m.out_features for m in layers]
+        names = ("qrows", "srows", "mrows" if first.float_zero else "zrows")
+        self.stack = {n: torch.cat([getattr(m, n) for m in layers]) for n in names}
+        start = 0
+        for m in layers:
+            for n, t in self.stack.items():
+                m._buffers[n] = t[start:start + m.out_features]
+            start += m.out_features
+        self.versions = tuple(m.rows_version for m in layers)
+
+    @staticmethod
+    def possible(layers: list[nn.Module]) -> bool:
+        a = layers[0]
+        return all(isinstance(m, QuantLinear) and m.path == "native" and m.bias is None and not m._reorder
+                   and (m.bits, m.group_size, m.zero_point, m.in_features) == (a.bits, a.group_size, a.zero_point,
+                                                                              a.in_features)
+                   for m in layers)
+
+    def serves(self, *layers: nn.Module) -> bool:
+        return len(layers) == len(self.parts) and all(
+            m is p and m.path == "native" and m.rows_version == v for m, p, v in zip(layers, self.parts, self.versions))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        st = self.stack
+        y = kernels.qlinear(x, st["qrows"], st["srows"], st.get("mrows"), st.get("zrows"), None, self.bits,
+                            self.group_size)
+        return y.split(self.sizes, dim=-1)
+
+    def _apply(self, fn, recurse=True):
+        return self  # moved layers get rows of their own (their version changes): this stack then serves no more
+
+
+_SIBLINGS = {"qkv": ("query", "key_value"), "gate_up": ("gate_proj", "up_proj")}
+
+
 def use_kernel(model: nn.Module, kernel: str = "auto") -> dict[str, int]:
-    """(Re)choose every QuantLinear's path (see the module docstring); returns {path: layers}."""
+    """(Re)choose every QuantLinear's path (see the module docstring), and stack the layers that share
+    their input where the native path allows; returns {path: layers}."""
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantLinear):
             path = m.prepare(kernel)
             counts[path] = counts.get(path, 0) + 1
+    for m in list(model.modules()):
+        for attr, names in _SIBLINGS.items():
+            if hasattr(m, attr) and all(hasattr(m, n) for n in names):
+                layers = [getattr(m, n) for n in names]
+                setattr(m, attr, StackedQuantLinear(layers) if StackedQuantLinear.possible(layers) else None)
     return counts
 
 
