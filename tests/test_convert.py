@@ -180,6 +180,17 @@ def test_gguf_kept_quantized_is_the_dequantized_import(kept_and_dense, tmp_path,
     assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
 
 
+def test_keep_quantized_mistakes_are_clear_errors(tmp_path, capsys):
+    from telechat.cli import main
+
+    assert main(["import", str(tmp_path), "--output", str(tmp_path / "o"), "--keep-quantized"]) != 0
+    assert "--keep-quantized applies to GGUF files, not to HF folders" in capsys.readouterr().err
+    assert main(["import", str(tmp_path / "missing.gguf"), "--output", str(tmp_path / "o"), "--keep-quantized"]) != 0
+    err = capsys.readouterr().err
+    assert "missing.gguf: no such file or folder" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_gguf_kept_quantized_is_as_accurate_as_llama_cpp(kept_and_dense):
     """llama.cpp on the same GGUF rounds activations to int8 per block of 32 as our kept model does: over

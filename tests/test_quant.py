@@ -380,6 +380,23 @@ def test_layers_sharing_an_input_run_as_one_call(gptq4_dir):
         torch.testing.assert_close(mlp.gate_proj(x), x @ w.t())  # its own path, from the stack's views
 
 
+def test_an_instruction_set_the_cpu_lacks_is_a_warning(each_isa):
+    """TELECHAT_CPU_ISA naming something unusable: a warning naming the choices, and the best path runs."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch; warnings.simplefilter('always'); from telechat.quant import kernels; "
+            "print(kernels.cpu_isa()); "
+            "print(kernels.qlinear(torch.ones(1, 32), torch.full((2, 16), 17, dtype=torch.uint8), "
+            "torch.ones(2, 1, dtype=torch.float16), None, torch.zeros(2, 1, dtype=torch.uint8), None, 4, 32).tolist())")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TELECHAT_CPU_ISA": "sse9"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "TELECHAT_CPU_ISA='sse9' is not an instruction set this CPU has" in r.stderr
+    isa, y = r.stdout.strip().splitlines()[-2:]
+    assert isa == each_isa[0] and json.loads(y) == [[32.0, 32.0]]  # codes 1 everywhere, scale 1, zero 0
+
+
 def test_without_a_compiler_quantized_layers_dequantize(gptq4_dir, tmp_path):
     """A machine with no C++ compiler (none on PATH, CXX unusable, an empty $TELECHAT_HOME): the model loads,
     its layers take the dequantize path, nothing is built, and it generates what that path gives here."""

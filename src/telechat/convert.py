@@ -485,10 +485,12 @@ def import_model(source: str | Path, output: str | Path, progress: bool = True,
     source = Path(source).expanduser()
     if source.is_file() and source.suffix == ".gguf":
         return import_gguf(source, output, progress, keep_quantized)
-    if keep_quantized:
-        raise CheckpointError(f"{source}: --keep-quantized applies to GGUF files")
+    if keep_quantized and source.is_dir():
+        raise CheckpointError(f"{source}: --keep-quantized applies to GGUF files, not to HF folders")
     if source.is_dir():
         return import_hf(source, output, progress)
+    if not source.exists():
+        raise CheckpointError(f"{source}: no such file or folder")
     raise CheckpointError(f"{source}: expected a .gguf file or an HF model folder")
 
 

@@ -104,6 +104,11 @@ def _library() -> Path | None:
         return None
     torch.ops.load_library(str(lib))
     _register_fakes()
+    want = os.environ.get("TELECHAT_CPU_ISA", "auto")
+    got = torch.ops.telechat.cpu_isa("")
+    if want not in ("auto", "", got):
+        warnings.warn(f"telechat: TELECHAT_CPU_ISA={want!r} is not an instruction set this CPU has; using {got!r} "
+                      f"(choices: avx512_vnni, avx2, portable, auto)")
     return lib
 
 
