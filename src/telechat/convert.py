@@ -190,6 +190,14 @@ _GGUF_LINEARS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output"
                  "up": "ffn_up", "down": "ffn_down"}
 
 
+def _gguf_array(t) -> np.ndarray:
+    """A GGUF tensor dequantized to fp32, in torch's dimension order."""
+    from gguf.quants import dequantize
+
+    arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    return arr.reshape([int(x) for x in reversed(t.shape)]) if arr.ndim != len(t.shape) else arr
+
+
 def gguf_linear_types(reader) -> set[str]:
     """The GGML types of the blocks' linear layers."""
     suffixes = tuple(f".{n}.weight" for n in _GGUF_LINEARS.values())
@@ -215,8 +223,8 @@ def _gguf_codes(t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _quantized_linear(prefix: str, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
                       float_zero: bool) -> dict[str, torch.Tensor]:
-    """AutoGPTQ tensors for codes [N, K], fp16 scales/offsets [N, G] (group 32); integer zero points
-    -offset/scale where every offset is one, else fp16 `mins` (see quant/format.py)."""
+    """AutoGPTQ tensors for codes [N, K], fp16 scales/offsets [N, G] (group 32): fp16 `mins` for Q4_1
+    (see quant/format.py), else the fixed zero point of Q4_0 (8) or Q8_0 (128)."""
     from .quant import pack
 
     K = codes.shape[1]
@@ -249,7 +257,6 @@ def import_gguf(path: str | Path, output: str | Path, progress: bool = True, kee
     (`keep_quantized` None: where every layer allows it; True: or fail; False: never); everything
     else, and every other GGML type, is dequantized (to fp32; a kept model's embedding to fp16)."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     path = Path(path)
     try:
@@ -271,8 +278,7 @@ def import_gguf(path: str | Path, output: str | Path, progress: bool = True, kee
     raw: dict[str, torch.Tensor] = {}
     bar = _progress(len(reader.tensors), f"importing {path.name}", progress)
     for t in reader.tensors:
-        arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        arr = arr.reshape([int(x) for x in reversed(t.shape)]) if arr.ndim != len(t.shape) else arr
+        arr = _gguf_array(t)
         if t.name.endswith("attn_q.weight"):
             arr = _unpermute_rope(arr, n_head)
         elif t.name.endswith("attn_k.weight"):
@@ -296,8 +302,6 @@ def import_gguf(path: str | Path, output: str | Path, progress: bool = True, kee
 
 def _import_gguf_quantized(reader, path: Path, output: Path, config: TeleChatConfig, n_head: int, n_kv: int,
                            plan: tuple[int, str, str], progress: bool) -> Path:
-    from gguf.quants import dequantize
-
     from .quant import QuantConfig
 
     bits, zero, types = plan
@@ -308,10 +312,7 @@ def _import_gguf_quantized(reader, path: Path, output: Path, config: TeleChatCon
     def dense(name: str, dtype=torch.float32) -> torch.Tensor:
         if name not in by_name:
             raise CheckpointError(f"{path}: missing tensor {name}")
-        t = by_name.pop(name)
-        arr = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        arr = arr.reshape([int(x) for x in reversed(t.shape)]) if arr.ndim != len(t.shape) else arr
-        return torch.from_numpy(np.array(arr, dtype=np.float32)).to(dtype)
+        return torch.from_numpy(np.array(_gguf_array(by_name.pop(name)), dtype=np.float32)).to(dtype)
 
     def linear(i: int, key: str) -> tuple[torch.Tensor, ...]:
         name = f"blk.{i}.{_GGUF_LINEARS[key]}.weight"

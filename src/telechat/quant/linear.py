@@ -302,7 +302,6 @@ class StackedQuantLinear(nn.Module):
         super().__init__()
         first = layers[0]
         self.parts = tuple(layers)  # not submodules: their parents own them
-        self.versions = None
         self.bits, self.group_size, self.sizes = first.bits, first.group_size, [m.out_features for m in layers]
         names = ("qrows", "srows", "mrows" if first.float_zero else "zrows")
         self.stack = {n: torch.cat([getattr(m, n) for m in layers]) for n in names}
