@@ -46,7 +46,7 @@ def _load_for_inference(model: str, device: str, dtype: str, compile: bool | Non
         print(f"telechat: LoRA adapter {adapter} {how}", file=sys.stderr, flush=True)
     if compile is not None:
         llm.engine.configure(compile=compile)
-    print(f"telechat: {describe(llm.device, llm.dtype, llm.engine.compile)}", file=sys.stderr, flush=True)
+    print(f"telechat: {describe(llm.device, llm.dtype, llm.engine.decoder)}", file=sys.stderr, flush=True)
     return llm
 
 

@@ -55,11 +55,13 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype | str | None:
     return None
 
 
-def describe(device: torch.device, dtype: torch.dtype, compiled: bool) -> str:
-    """One line for the start of chat/serve/eval: what was chosen and why."""
+def describe(device: torch.device, dtype: torch.dtype, decoder: str | bool) -> str:
+    """One line for the start of chat/serve/eval: what was chosen and why. decoder: the engine's
+    ("native", "compiled" or "eager"; a bool: compiled or not)."""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_summary()})"
-    return f"device {device} [{where}], dtype {str(dtype).removeprefix('torch.')}, " \
-           f"compiled decode {'on' if compiled else 'off'}"
+    if isinstance(decoder, bool):
+        decoder = "compiled" if decoder else "eager"
+    return f"device {device} [{where}], dtype {str(dtype).removeprefix('torch.')}, {decoder} decode"
 
 
 def release_heap() -> None:

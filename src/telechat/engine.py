@@ -208,6 +208,22 @@ def default_compile(model, device: torch.device) -> bool:
     return weights >= 50_000_000
 
 
+def choose_decoder(model, device: torch.device, compile: bool | str = "auto") -> str:
+    """How decode steps run: "native" (the blocks as one C++ operator, telechat.native; CPU, where the
+    model's layers allow), "compiled" (torch.compile) or "eager". compile=True asks for torch.compile,
+    False for plain eager torch; "auto" takes native where it runs, else compiles where that pays.
+    TELECHAT_DECODER=native|compiled|eager overrides "auto"."""
+    want = os.environ.get("TELECHAT_DECODER", "") if compile == "auto" else ("compiled" if compile else "eager")
+    if want in ("compiled", "eager"):
+        return want
+    if device.type == "cpu":
+        from .native import unsupported
+
+        if unsupported(model) is None:
+            return "native"
+    return "compiled" if default_compile(model, device) else "eager"
+
+
 def _memory_budget_bytes(device: torch.device) -> int:
     """What the KV pool may grow to by default: 40% of available RAM, or 60% of free GPU memory."""
     if device.type == "cuda":
@@ -266,6 +282,7 @@ class Engine:
         self._decode_time: float | None = None  # moving averages for the adaptive prefill budget
         self._prefill_time: float | None = None  # seconds per prompt token
         self._compiled = None
+        self._admissions = self._native_seen = 0
         self.configure(max_concurrency=max_concurrency, max_queue=max_queue, max_model_len=max_model_len,
                        prefill_budget=prefill_budget, kv_cache_tokens=kv_cache_tokens, compile=compile)
 
@@ -300,7 +317,9 @@ class Engine:
             if self._kv is not None:
                 self._kv.max_blocks = max(self._kv.max_blocks, self._max_blocks())
         if compile is not None:
-            self.compile = default_compile(self.model, self.device) if compile == "auto" else bool(compile)
+            self.decoder = choose_decoder(self.model, self.device, compile)
+            self.compile = self.decoder == "compiled"
+            self._native = None
         return self
 
     def _bytes_per_token(self) -> int:
@@ -601,6 +620,7 @@ class Engine:
             self.waiting.popleft()
             seq.admitted = time.perf_counter()
             self._running.append(seq)
+            self._admissions += 1
         if seq.params.repetition_penalty != 1.0:
             seq.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             seq.seen[torch.tensor(seq.prompt + seq.tokens, device=self.device)] = True
@@ -687,6 +707,7 @@ class Engine:
                 select.append(len(ids) - 1)
                 sampled.append(s)
         decode_only = nd == len(plan)
+        native = self.decoder == "native" and decode_only and self._native_decoder() is not None
         compiled = self.compile and decode_only
         N = len(ids)
         if compiled:  # padded to a bucketed batch size: few shapes to compile
@@ -702,7 +723,7 @@ class Engine:
                                  device=dev)
             dslots = (table[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)
             lens = torch.tensor([s.computed + 1 if s else 1 for s in rows], device=dev)
-            dmask = (torch.arange(nb * bs, device=dev) < lens[:, None])[:, None, None]
+            dmask = None if native else (torch.arange(nb * bs, device=dev) < lens[:, None])[:, None, None]
         chunks, start = [], nd
         for s, n in plan[nd:]:
             c = s.computed
@@ -714,7 +735,9 @@ class Engine:
         cos, sin = rope_cos_sin(self.model.config, pos_t, tot_t)
         ids_t = torch.tensor([ids], device=dev)
         sel = torch.tensor(select or [N - 1], device=dev)  # no row samples: one row of logits, unused
-        if compiled:
+        if native:  # every row is a decode row and samples
+            logits = self._native(ids_t[0], cos, sin, self._kv, step.write_slots, dslots, lens)
+        elif compiled:
             logits = self._run_compiled(ids_t, cos, sin, step)[sel]
         else:
             logits = self.model(ids_t, cache=step, rope=(cos, sin), select=sel)[0].float()
@@ -725,6 +748,22 @@ class Engine:
         if sampled:
             self._sample(sampled, logits)
         self._time_step(time.perf_counter() - t0, nd, N - nd)
+
+    def _native_decoder(self):
+        """The native decode step, (re)built when the model's tensors changed (looked at when a sequence
+        was admitted since the last step: a whole-model walk costs a fraction of a step); None where it
+        no longer runs."""
+        if self._native is not None and (self._native_seen == self._admissions or self._native.current()):
+            self._native_seen = self._admissions
+            return self._native
+        from .native import NativeDecoder
+
+        self._native = NativeDecoder.build(self.model)
+        self._native_seen = self._admissions
+        if self._native is None:
+            self.decoder = "compiled" if default_compile(self.model, self.device) else "eager"
+            self.compile = self.decoder == "compiled"
+        return self._native
 
     def _run_compiled(self, ids: Tensor, cos: Tensor, sin: Tensor, step: PagedStep) -> Tensor:
         if self._compiled is None:

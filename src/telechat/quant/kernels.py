@@ -6,8 +6,8 @@ rounded to int8 with its own scale and the codes enter integer dot products (AVX
 `vpdpbusd`, AVX2 `vpmaddubsw`), so the weights are read once, as codes, on every core. The layout
 is in csrc/qgemm_kernel.cpp; the result equals, up to fp32 rounding, the dequantized weight times
 `fake_quantize_activations(x)` (the tests hold every instruction set to that float64 reference).
-`torch.ops.telechat.hlinear(x, w, bias)` is F.linear for a bf16/fp16 weight kept 16-bit (a tied
-lm_head) in fp32 arithmetic.
+`torch.ops.telechat.hlinear(x, w, bias)` is F.linear for a weight read as stored (fp32, or bf16/fp16
+kept 16-bit, e.g. a tied lm_head) in fp32 arithmetic, for a few rows.
 
 Both are registered with TORCH_LIBRARY and have fake implementations, so torch.compile places them
 in its graphs as they are. The kernel source is compiled once per instruction set (portable C, AVX2,
@@ -37,6 +37,7 @@ _VARIANTS = {"portable": (0, []),
              "avx2": (1, ["-mavx2", "-mfma", "-mf16c"]),
              "avx512": (2, ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"])}
 _COMMON = ["-O3", "-fPIC", "-std=c++17", "-fopenmp"]
+_OP_SOURCES = ("qgemm_op.cpp", "decode_op.cpp")  # with torch's headers, over the kernels of isa.h
 BLOCK = 32  # activations are rounded to int8 per block of this many columns
 
 
@@ -73,11 +74,13 @@ def _build(cxx: str, folder: Path, key: str) -> Path:
                 raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
         includes = [f"-I{p}" for p in include_paths()]
         libdirs = library_paths()
-        op = os.path.join(tmp, "op.o")
-        subprocess.run([cxx, *_COMMON, abi, *includes, "-c", str(_CSRC / "qgemm_op.cpp"), "-o", op],
-                       check=True, capture_output=True, timeout=600)
+        ops = []
+        for name in _OP_SOURCES:
+            ops.append(os.path.join(tmp, f"{name}.o"))
+            subprocess.run([cxx, *_COMMON, abi, *includes, "-c", str(_CSRC / name), "-o", ops[-1]],
+                           check=True, capture_output=True, timeout=600)
         out = os.path.join(tmp, "ops.so")
-        subprocess.run([cxx, "-shared", "-fopenmp", op, *objects, "-o", out, *[f"-L{d}" for d in libdirs],
+        subprocess.run([cxx, "-shared", "-fopenmp", *ops, *objects, "-o", out, *[f"-L{d}" for d in libdirs],
                         *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu"],
                        check=True, capture_output=True, timeout=300)
         os.replace(out, lib)  # atomic: a concurrent build leaves one complete file
@@ -92,7 +95,7 @@ def _library() -> Path | None:
     cxx = _compiler()
     if cxx is None or sys.platform == "win32":
         return None
-    sources = "\0".join((_CSRC / n).read_text() for n in ("qgemm_kernel.cpp", "qgemm_op.cpp"))
+    sources = "\0".join((_CSRC / n).read_text() for n in ("qgemm_kernel.cpp", "isa.h", *_OP_SOURCES))
     key = hashlib.sha256("\0".join([sources, cxx, torch.__version__, *_COMMON, repr(_VARIANTS),
                                     os.uname().machine]).encode()).hexdigest()[:16]
     try:

@@ -210,6 +210,144 @@ inline void row_dot(const int8_t *xq, const float *xd8, int64_t K, const uint8_t
 #endif
 }
 
+
+// Vectors of fp32 for the dense and attention kernels: 16 lanes on AVX-512, 8 on AVX2. Element types:
+// T = 0 fp32, 1 bf16, 2 IEEE half.
+#if TELECHAT_ISA == 2
+typedef __m512 vf;
+constexpr int64_t VW = 16;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset(float f) { return _mm512_set1_ps(f); }
+inline vf vloadf(const float *p) { return _mm512_loadu_ps(p); }
+inline void vstore(float *p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+template <int T> inline vf vload(const void *p, int64_t i) {
+    if constexpr (T == 0) {
+        return _mm512_loadu_ps((const float *)p + i);
+    } else {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+        if constexpr (T == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        return _mm512_cvtph_ps(h);
+    }
+}
+#elif TELECHAT_ISA == 1
+typedef __m256 vf;
+constexpr int64_t VW = 8;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset(float f) { return _mm256_set1_ps(f); }
+inline vf vloadf(const float *p) { return _mm256_loadu_ps(p); }
+inline void vstore(float *p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vf v) { return hsum256(v); }
+template <int T> inline vf vload(const void *p, int64_t i) {
+    if constexpr (T == 0) {
+        return _mm256_loadu_ps((const float *)p + i);
+    } else {
+        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+        if constexpr (T == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        return _mm256_cvtph_ps(h);
+    }
+}
+#endif
+
+template <int T> inline float sload(const void *p, int64_t i) {
+    if constexpr (T == 0) return ((const float *)p)[i];
+    if constexpr (T == 1) return bf16_to_float(((const uint16_t *)p)[i]);
+    return half_to_float(((const uint16_t *)p)[i]);
+}
+
+// sum x[i] w[i] for a weight of element type T
+template <int T> inline float dot_t(const float *x, const void *w, int64_t n) {
+    int64_t i = 0;
+    float t = 0.f;
+#if TELECHAT_ISA >= 1
+    vf a0 = vzero(), a1 = vzero();
+    for (; i + 2 * VW <= n; i += 2 * VW) {
+        a0 = vfma(vload<T>(w, i), vloadf(x + i), a0);
+        a1 = vfma(vload<T>(w, i + VW), vloadf(x + i + VW), a1);
+    }
+    for (; i + VW <= n; i += VW) a0 = vfma(vload<T>(w, i), vloadf(x + i), a0);
+    t = vsum(a0) + vsum(a1);
+#endif
+    for (; i < n; i++) t += sload<T>(w, i) * x[i];
+    return t;
+}
+
+// y[n] += a * v[n] for v of element type T
+template <int T> inline void axpy_t(float a, const void *v, float *y, int64_t n) {
+    int64_t i = 0;
+#if TELECHAT_ISA >= 1
+    const vf av = vset(a);
+    for (; i + VW <= n; i += VW) vstore(y + i, vfma(av, vload<T>(v, i), vloadf(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * sload<T>(v, i);
+}
+
+template <int T>
+void dgemm_t(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t n0,
+             int64_t n1) {
+    const int64_t es = T == 0 ? 4 : 2;
+    int64_t n = n0;
+#if TELECHAT_ISA >= 1
+    if (M < 4)  // few rows: four weight rows at a time (four memory streams, four independent sums)
+        for (; n + 4 <= n1; n += 4) {
+            const char *w0 = (const char *)w + n * K * es;
+            for (int64_t m = 0; m < M; m++) {
+                const float *xm = x + m * K;
+                vf a[4] = {vzero(), vzero(), vzero(), vzero()};
+                int64_t k = 0;
+                for (; k + VW <= K; k += VW) {
+                    const vf xv = vloadf(xm + k);
+                    for (int r = 0; r < 4; r++) a[r] = vfma(vload<T>(w0 + r * K * es, k), xv, a[r]);
+                }
+                for (int r = 0; r < 4; r++) {
+                    float t = vsum(a[r]);
+                    for (int64_t kk = k; kk < K; kk++) t += sload<T>(w0 + r * K * es, kk) * xm[kk];
+                    y[m * N + n + r] = t + (bias ? bias[n + r] : 0.f);
+                }
+            }
+        }
+#endif
+    for (; n < n1; n++) {
+        const void *wn = (const char *)w + n * K * es;
+        const float b = bias ? bias[n] : 0.f;
+        int64_t m = 0;
+#if TELECHAT_ISA >= 1
+        for (; m + 4 <= M; m += 4) {  // four rows share each weight load
+            vf a[4] = {vzero(), vzero(), vzero(), vzero()};
+            int64_t k = 0;
+            for (; k + VW <= K; k += VW) {
+                const vf wv = vload<T>(wn, k);
+                for (int r = 0; r < 4; r++) a[r] = vfma(wv, vloadf(x + (m + r) * K + k), a[r]);
+            }
+            for (int r = 0; r < 4; r++) {
+                float t = vsum(a[r]);
+                for (int64_t kk = k; kk < K; kk++) t += sload<T>(wn, kk) * x[(m + r) * K + kk];
+                y[(m + r) * N + n] = t + b;
+            }
+        }
+#endif
+        for (; m < M; m++) y[m * N + n] = dot_t<T>(x + m * K, wn, K) + b;
+    }
+}
+
+template <int T>
+void attend_t(const float *q, const char *k, const char *v, int64_t stride, const int64_t *slots, int64_t S, int64_t d,
+              float scale, float *out, float *p) {
+    const int64_t es = T == 0 ? 4 : 2;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        p[s] = scale * dot_t<T>(q, k + slots[s] * stride * es, d);
+        mx = std::fmax(mx, p[s]);
+    }
+    float sum = 0.f;
+    for (int64_t s = 0; s < S; s++) sum += (p[s] = std::exp(p[s] - mx));
+    const float inv = 1.f / sum;
+    for (int64_t i = 0; i < d; i++) out[i] = 0.f;
+    for (int64_t s = 0; s < S; s++) axpy_t<T>(p[s] * inv, v + slots[s] * stride * es, out, d);
+}
+
 }  // namespace
 
 extern "C" {
@@ -265,29 +403,22 @@ void TC_FN(telechat_qgemm)(const int8_t *xq, const float *xd8, const float *xsg,
     }
 }
 
-// y [M, N] rows n0..n1 = x [M, K] fp32 times w [N, K] held as bf16 (bf16 != 0) or IEEE half, in fp32.
-void TC_FN(telechat_hgemm)(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N,
-                           int64_t K, int bf16, int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
-        const uint16_t *wn = w + n * K;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            int64_t k = 0;
-            float t = 0.f;
-#if TELECHAT_ISA >= 1
-            __m256 a = _mm256_setzero_ps();
-            for (; k + 8 <= K; k += 8) {
-                const __m128i v = _mm_loadu_si128((const __m128i *)(wn + k));
-                const __m256 wv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
-                                       : _mm256_cvtph_ps(v);
-                a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xm + k), a);
-            }
-            t = hsum256(a);
-#endif
-            for (; k < K; k++) t += (bf16 ? bf16_to_float(wn[k]) : half_to_float(wn[k])) * xm[k];
-            y[m * N + n] = t + (bias ? bias[n] : 0.f);
-        }
-    }
+// y [M, N] rows n0..n1 = x [M, K] fp32 times w [N, K] of element type wtype (0 fp32, 1 bf16, 2 half), in fp32.
+void TC_FN(telechat_dgemm)(const float *x, const void *w, int wtype, const float *bias, float *y, int64_t M, int64_t N,
+                           int64_t K, int64_t n0, int64_t n1) {
+    if (wtype == 0) dgemm_t<0>(x, w, bias, y, M, N, K, n0, n1);
+    else if (wtype == 1) dgemm_t<1>(x, w, bias, y, M, N, K, n0, n1);
+    else dgemm_t<2>(x, w, bias, y, M, N, K, n0, n1);
+}
+
+// One query head q [d] over S cached positions: out [d] = softmax(scale q . k_s) weighted sum of v_s, where
+// k_s starts at element slots[s] * stride of k (v likewise), of element type kvtype; p: scratch for S floats.
+void TC_FN(telechat_attend)(const float *q, const void *k, const void *v, int kvtype, int64_t stride,
+                            const int64_t *slots, int64_t S, int64_t d, float scale, float *out, float *p) {
+    const char *kc = (const char *)k, *vc = (const char *)v;
+    if (kvtype == 0) attend_t<0>(q, kc, vc, stride, slots, S, d, scale, out, p);
+    else if (kvtype == 1) attend_t<1>(q, kc, vc, stride, slots, S, d, scale, out, p);
+    else attend_t<2>(q, kc, vc, stride, slots, S, d, scale, out, p);
 }
 
 }  // extern "C"

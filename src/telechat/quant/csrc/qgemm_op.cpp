@@ -12,27 +12,11 @@
 #include <string>
 #include <vector>
 
-#define TC_DECLARE(SUFFIX)                                                                                        \
-    extern "C" __attribute__((weak)) void telechat_quantize_rows##SUFFIX(const float *, int64_t, int64_t, int64_t, \
-                                                                         int8_t *, float *, float *);              \
-    extern "C" __attribute__((weak)) void telechat_qgemm##SUFFIX(                                                 \
-        const int8_t *, const float *, const float *, int64_t, const uint8_t *, const uint16_t *, const uint16_t *, \
-        const uint8_t *, const float *, float *, int64_t, int64_t, int64_t, int, int64_t, int64_t, float *);      \
-    extern "C" __attribute__((weak)) void telechat_hgemm##SUFFIX(const float *, const uint16_t *, const float *,   \
-                                                                 float *, int64_t, int64_t, int64_t, int, int64_t, \
-                                                                 int64_t);
-TC_DECLARE(_portable)
-TC_DECLARE(_avx2)
-TC_DECLARE(_avx512)
+#include "isa.h"
 
 namespace {
 
-struct Isa {
-    const char *name;
-    decltype(&telechat_quantize_rows_portable) quantize;
-    decltype(&telechat_qgemm_portable) qgemm;
-    decltype(&telechat_hgemm_portable) hgemm;
-};
+using telechat::Isa;
 
 // Best first; an entry is usable when it was compiled in (its symbols are linked) and the CPU has it.
 std::vector<Isa> usable() {
@@ -40,11 +24,14 @@ std::vector<Isa> usable() {
     __builtin_cpu_init();
     if (telechat_qgemm_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-        out.push_back({"avx512_vnni", telechat_quantize_rows_avx512, telechat_qgemm_avx512, telechat_hgemm_avx512});
+        out.push_back({"avx512_vnni", telechat_quantize_rows_avx512, telechat_qgemm_avx512, telechat_dgemm_avx512,
+                       telechat_attend_avx512});
     if (telechat_qgemm_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c"))
-        out.push_back({"avx2", telechat_quantize_rows_avx2, telechat_qgemm_avx2, telechat_hgemm_avx2});
-    out.push_back({"portable", telechat_quantize_rows_portable, telechat_qgemm_portable, telechat_hgemm_portable});
+        out.push_back({"avx2", telechat_quantize_rows_avx2, telechat_qgemm_avx2, telechat_dgemm_avx2,
+                       telechat_attend_avx2});
+    out.push_back({"portable", telechat_quantize_rows_portable, telechat_qgemm_portable, telechat_dgemm_portable,
+                    telechat_attend_portable});
     return out;
 }
 
@@ -71,6 +58,12 @@ const Isa *&active() {
     }();
     return isa;
 }
+
+}  // namespace
+
+const telechat::Isa *telechat::active_isa() { return active(); }
+
+namespace {
 
 std::string cpu_isa(const std::string &want) {
     if (!want.empty()) active() = choose(want);
@@ -145,10 +138,11 @@ at::Tensor qlinear(const at::Tensor &x, const at::Tensor &codes, const at::Tenso
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-// x [..., K] -> [..., N] in fp32 arithmetic for a 16-bit weight [N, K] (bf16 or fp16) read as it is.
+// x [..., K] -> [..., N] in fp32 arithmetic for a weight [N, K] (fp32, bf16 or fp16) read as it is.
 at::Tensor hlinear(const at::Tensor &x, const at::Tensor &w, const c10::optional<at::Tensor> &bias) {
-    TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf),
-                "telechat::hlinear: the weight must be a 2-d bf16 or fp16 tensor");
+    TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf ||
+                                 w.scalar_type() == at::kFloat),
+                "telechat::hlinear: the weight must be a 2-d fp32, bf16 or fp16 tensor");
     check_cpu(w, "weight", w.scalar_type());
     const int64_t N = w.size(0), K = w.size(1);
     TORCH_CHECK(x.size(-1) == K, "telechat::hlinear: x has ", x.size(-1), " columns, the weight ", K);
@@ -163,10 +157,10 @@ at::Tensor hlinear(const at::Tensor &x, const at::Tensor &w, const c10::optional
     at::Tensor y = at::empty({M, N}, xf.options());
     const Isa *isa = active();
     const float *xp = xf.data_ptr<float>(), *bp = bias ? bias->data_ptr<float>() : nullptr;
-    const uint16_t *wp = reinterpret_cast<const uint16_t *>(w.data_ptr());
+    const void *wp = w.data_ptr();
     float *yp = y.data_ptr<float>();
-    const int bf16 = w.scalar_type() == at::kBFloat16;
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { isa->hgemm(xp, wp, bp, yp, M, N, K, bf16, n0, n1); });
+    const int wtype = w.scalar_type() == at::kFloat ? 0 : w.scalar_type() == at::kBFloat16 ? 1 : 2;
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { isa->dgemm(xp, wp, wtype, bp, yp, M, N, K, n0, n1); });
     y = y.view(out_shape);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
