@@ -707,8 +707,8 @@ class Engine:
                 select.append(len(ids) - 1)
                 sampled.append(s)
         decode_only = nd == len(plan)
-        native = self.decoder == "native" and decode_only and self._native_decoder() is not None
-        compiled = self.compile and decode_only
+        native = self.decoder == "native" and nd > 0 and self._native_decoder() is not None
+        compiled = self.compile and decode_only and not native
         N = len(ids)
         if compiled:  # padded to a bucketed batch size: few shapes to compile
             pad = _bucket(N) - N
@@ -724,23 +724,31 @@ class Engine:
             dslots = (table[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)
             lens = torch.tensor([s.computed + 1 if s else 1 for s in rows], device=dev)
             dmask = None if native else (torch.arange(nb * bs, device=dev) < lens[:, None])[:, None, None]
-        chunks, start = [], nd
+        chunks, start = [], 0 if native else nd  # native: the chunks run as a batch of their own
         for s, n in plan[nd:]:
             c = s.computed
             table = torch.tensor(s.blocks[:-(-(c + n) // bs)], device=dev)
             ctx = (table[:, None] * bs + torch.arange(bs, device=dev)).flatten()[:c + n]
             chunks.append((start, n, ctx, c))
             start += n
-        step = PagedStep(self._kv, pos_t, tot_t, torch.tensor(slots, device=dev), dslots, dmask, chunks)
+        write = torch.tensor(slots, device=dev)
         cos, sin = rope_cos_sin(self.model.config, pos_t, tot_t)
         ids_t = torch.tensor([ids], device=dev)
-        sel = torch.tensor(select or [N - 1], device=dev)  # no row samples: one row of logits, unused
-        if native:  # every row is a decode row and samples
-            logits = self._native(ids_t[0], cos, sin, self._kv, step.write_slots, dslots, lens)
-        elif compiled:
-            logits = self._run_compiled(ids_t, cos, sin, step)[sel]
+        if native:  # the one-token rows in the native step; prompt chunks beside them through the model
+            logits = self._native(ids_t[0, :nd], cos[:nd], sin[:nd], self._kv, write[:nd], dslots, lens)
+            logits = logits[torch.tensor([i for i in select if i < nd], dtype=torch.long, device=dev)]
+            if chunks:
+                step = PagedStep(self._kv, pos_t[nd:], tot_t[nd:], write[nd:], None, None, chunks)
+                sel = torch.tensor([i - nd for i in select if i >= nd] or [N - nd - 1], device=dev)
+                rest = self.model(ids_t[:, nd:], cache=step, rope=(cos[nd:], sin[nd:]), select=sel)[0].float()
+                logits = torch.cat([logits, rest[:sum(1 for i in select if i >= nd)]])
         else:
-            logits = self.model(ids_t, cache=step, rope=(cos, sin), select=sel)[0].float()
+            step = PagedStep(self._kv, pos_t, tot_t, write, dslots, dmask, chunks)
+            sel = torch.tensor(select or [N - 1], device=dev)  # no row samples: one row of logits, unused
+            if compiled:
+                logits = self._run_compiled(ids_t, cos, sin, step)[sel]
+            else:
+                logits = self.model(ids_t, cache=step, rope=(cos, sin), select=sel)[0].float()
         for s, n in plan:
             s.computed += n
             self._register(s)

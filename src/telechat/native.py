@@ -43,17 +43,22 @@ def unsupported(model: nn.Module) -> str | None:
         if type(block) is not Block or type(block.self_attention) is not Attention or type(block.mlp) is not MLP \
                 or type(block.input_layernorm) is not RMSNorm or type(block.post_attention_layernorm) is not RMSNorm:
             return f"block {i} has modules of other kinds (e.g. LoRA)"
+        if any(_altered(m) for m in block.modules()):
+            return f"block {i} has hooks or a replaced forward"
         for name, m in _linears(block):
             if isinstance(m, QuantLinear):
                 if m.path != "native" or m._reorder:
                     return f"block {i} {name}: a quantized layer off the native path or in act order"
             elif type(m) not in (nn.Linear, DecodeLinear) or m.weight.dtype not in _DENSE:
                 return f"block {i} {name}: a {type(m).__module__}.{type(m).__name__} layer (e.g. LoRA)"
-        if block._forward_hooks or block._forward_pre_hooks:
-            return f"block {i} has hooks"
         if {block.input_layernorm.eps, block.post_attention_layernorm.eps} != {c.layer_norm_epsilon}:
             return f"block {i} has a norm epsilon other than the config's"
     return None
+
+
+def _altered(m: nn.Module) -> bool:
+    """Hooks or an instance-level forward: behaviour only the module's own call would run."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
 
 
 def _linears(block) -> list[tuple[str, nn.Module]]:
@@ -105,8 +110,7 @@ class NativeDecoder:
         versions (a layer moved or re-prepared gets new rows)."""
         m = self.model
         return (tuple(map(id, m.parameters())), tuple(map(id, m.buffers())), m.training,
-                tuple((type(x), getattr(x, "rows_version", 0), len(x._forward_hooks) + len(x._forward_pre_hooks))
-                      for x in m.modules()))
+                tuple((type(x), getattr(x, "rows_version", 0), _altered(x)) for x in m.modules()))
 
     def current(self) -> bool:
         """Whether the model still holds the tensors this decoder registered."""
@@ -126,7 +130,8 @@ class NativeDecoder:
                             write_slots.contiguous(), ctx_slots.contiguous(), ctx_lens.contiguous())
         x = t.ln_f(h.to(t.ln_f.weight.dtype))
         head = self.model.lm_head
-        if type(head) in (nn.Linear, DecodeLinear) and head.weight.dtype in _DENSE and len(ids) <= HALF_MAX_ROWS:
+        if type(head) in (nn.Linear, DecodeLinear) and head.weight.dtype in _DENSE and len(ids) <= HALF_MAX_ROWS \
+                and not _altered(head):
             # fp32 sums over the weight as stored, on every core (BLAS's one-row path takes one)
             return torch.ops.telechat.hlinear(x.float(), head.weight, None if head.bias is None else head.bias.float())
         return head(x).float()
