@@ -32,7 +32,7 @@ def prepare(folder: Path, outtype: str) -> None:
     from telechat.default_model import smollm2_gguf
     from telechat.gguf_export import export_gguf
 
-    import_gguf(smollm2_gguf(), folder / "telechat", progress=False)
+    import_gguf(smollm2_gguf(), folder / "telechat", progress=False, keep_quantized=False)  # float, as the default model
     export_gguf(folder / "telechat", folder / f"model-{outtype}.gguf", outtype=outtype)
 
 

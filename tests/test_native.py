@@ -223,3 +223,21 @@ def test_bad_step_arguments_are_errors_not_crashes():
                             (dict(ctx_slots=torch.tensor([[4, 5]]).int()), "ctx_slots must be Long")]:
         with pytest.raises(RuntimeError, match=message):
             dec(torch.tensor([1]), cos, sin, pool, **{**ok, **change})
+
+
+def test_every_instruction_set():
+    """The native step on each instruction set the CPU has (AVX-512, AVX2, portable C)."""
+    from test_quant import usable_isas
+
+    models = {"bf16": random_model(torch.bfloat16), "float32": random_model(),
+              "int4": quantized(random_model(), 4, 32, float_zero=True)}
+    limits = {"bf16": 1e-2, "float32": 2e-6, "int4": 5e-3}
+    try:
+        for isa in usable_isas():
+            assert kernels.cpu_isa(isa) == isa
+            for name, model in models.items():
+                errs = relative_errors(model, SEQS[:2])
+                assert max(errs) < limits[name], (isa, name, errs)
+    finally:
+        kernels.cpu_isa("auto")
+

@@ -422,13 +422,15 @@ def test_without_a_compiler_quantized_layers_dequantize(gptq4_dir, tmp_path):
                       eos_token_id=-1)[0].tolist() == json.loads(tokens)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
-def test_half_linear_matches_reference(each_isa, dtype, bias):
-    """fp32 activations times a 16-bit weight kept 16-bit: the fp32 product of the exact weight values,
-    on every instruction set for decode rows and through BLAS for prefill rows, odd widths included."""
+@pytest.mark.parametrize("K", [100, 128])
+def test_half_linear_matches_reference(each_isa, dtype, bias, K):
+    """fp32 activations times a weight read as stored (16-bit kept 16-bit): the fp32 product of the exact
+    weight values, on every instruction set for decode rows and through BLAS for prefill rows; widths
+    that are not a multiple of the vectors (100), and that are (128: bf16's even/odd split)."""
     g = torch.Generator().manual_seed(0)
-    N, K = 37, 100  # not a multiple of the 8-column vectors
+    N = 37
     w = torch.randn(N, K, generator=g).to(dtype)
     b = torch.randn(N, generator=g) if bias else None
     for isa in each_isa:
@@ -436,7 +438,10 @@ def test_half_linear_matches_reference(each_isa, dtype, bias):
         for shape in ((1, K), (1, 1, K), (3, 5, K), (40, K)):
             x = torch.randn(*shape, generator=g)
             ref = x.double() @ w.double().t() + (0 if b is None else b.double())
-            y = kernels.half_linear(x, w, b)
+            if dtype == torch.float32:  # the operator itself (half_linear routes only 16-bit weights)
+                y = torch.ops.telechat.hlinear(x, w, b)
+            else:
+                y = kernels.half_linear(x, w, b)
             assert y.dtype == torch.float32 and y.shape == ref.shape
             assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (isa, shape)
 

@@ -16,6 +16,7 @@
 //     y[m, n] = sum_blocks s_g d_b (q . xq)_b  +  sum_g offset_g xsg[m, g],   offset = m or -s z.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #if TELECHAT_ISA >= 1
 #include <immintrin.h>
@@ -332,6 +333,60 @@ void dgemm_t(const float *x, const void *w, const float *bias, float *y, int64_t
     }
 }
 
+#if TELECHAT_ISA >= 1
+// bf16 weights without a widening shuffle: a vector of 2 VW bf16 splits into its even elements (shifted
+// up 16 bits) and its odd ones (high halves masked), each exactly their fp32 value; the activations are
+// rearranged to match once per call (xp: per block of 2 VW, its even then its odd elements).
+#if TELECHAT_ISA == 2
+inline vf bf16_even(__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
+inline vf bf16_odd(__m512i w) { return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(-65536))); }
+inline __m512i load_pairs(const uint16_t *p) { return _mm512_loadu_si512((const void *)p); }
+#else
+inline vf bf16_even(__m256i w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
+inline vf bf16_odd(__m256i w) { return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(-65536))); }
+inline __m256i load_pairs(const uint16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+#endif
+
+void dgemm_bf16(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                int64_t n0, int64_t n1) {
+    constexpr int64_t B2 = 2 * VW;
+    // Scratch without std::vector: an inline template instantiated here, with this file's vector flags,
+    // could become the copy the whole library links to.
+    thread_local float *buf = nullptr;
+    thread_local int64_t cap = 0;
+    if (cap < M * K) {
+        std::free(buf);
+        buf = (float *)std::malloc(sizeof(float) * M * K);
+        cap = buf ? M * K : 0;
+        if (!buf) return dgemm_t<1>(x, w, bias, y, M, N, K, n0, n1);
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K; b += B2)
+            for (int64_t i = 0; i < VW; i++) {
+                buf[m * K + b + i] = x[m * K + b + 2 * i];
+                buf[m * K + b + VW + i] = x[m * K + b + 2 * i + 1];
+            }
+    const float *xp = buf;
+    constexpr int R = 4;  // weight rows per pass: four memory streams, R x MR independent sums
+    int64_t n = n0;
+    for (; n < n1; n += R) {
+        const int r_n = n1 - n < R ? (int)(n1 - n) : R;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = xp + m * K;
+            vf a[R] = {vzero(), vzero(), vzero(), vzero()};
+            for (int64_t k = 0; k < K; k += B2) {
+                const vf xe = vloadf(xm + k), xo = vloadf(xm + k + VW);
+                for (int r = 0; r < r_n; r++) {
+                    const auto wv = load_pairs(w + (n + r) * K + k);
+                    a[r] = vfma(bf16_even(wv), xe, vfma(bf16_odd(wv), xo, a[r]));
+                }
+            }
+            for (int r = 0; r < r_n; r++) y[m * N + n + r] = vsum(a[r]) + (bias ? bias[n + r] : 0.f);
+        }
+    }
+}
+#endif
+
 template <int T>
 void attend_t(const float *q, const char *k, const char *v, int64_t stride, const int64_t *slots, int64_t S, int64_t d,
               float scale, float *out, float *p) {
@@ -407,6 +462,9 @@ void TC_FN(telechat_qgemm)(const int8_t *xq, const float *xd8, const float *xsg,
 void TC_FN(telechat_dgemm)(const float *x, const void *w, int wtype, const float *bias, float *y, int64_t M, int64_t N,
                            int64_t K, int64_t n0, int64_t n1) {
     if (wtype == 0) dgemm_t<0>(x, w, bias, y, M, N, K, n0, n1);
+#if TELECHAT_ISA >= 1
+    else if (wtype == 1 && K % (2 * VW) == 0) dgemm_bf16(x, (const uint16_t *)w, bias, y, M, N, K, n0, n1);
+#endif
     else if (wtype == 1) dgemm_t<1>(x, w, bias, y, M, N, K, n0, n1);
     else dgemm_t<2>(x, w, bias, y, M, N, K, n0, n1);
 }
