@@ -241,3 +241,33 @@ def test_every_instruction_set():
     finally:
         kernels.cpu_isa("auto")
 
+
+
+def test_prompt_chunks_in_one_call_attend_causally_within_the_chunk():
+    """Rows of one step may be consecutive tokens of one sequence (a prompt chunk): each attends over its
+    own prefix, the keys of the rows before it in the same call included; chunks of 5 tokens of three
+    sequences side by side, against the float64 forward at every position."""
+    from telechat.native import NativeDecoder
+
+    model = random_model()
+    dec, c, bs = NativeDecoder(model), model.config, 4
+    pool = PagedKV(c, torch.float32, "cpu", block_size=bs, initial_blocks=4)
+    R, nblk = len(SEQS), -(-max(map(len, SEQS)) // bs)
+    blocks = [[1 + j * R + b for j in range(nblk)] for b in range(R)]
+    pool.ensure(1 + nblk * R)
+    got = [[] for _ in SEQS]
+    for start in range(0, max(map(len, SEQS)), 5):
+        rows = [(b, p) for b, q in enumerate(SEQS) for p in range(start, min(start + 5, len(q)))]
+        pos = torch.tensor([p for _, p in rows])
+        cos, sin = rope_cos_sin(c, pos, pos + 1)
+        write = torch.tensor([blocks[b][p // bs] * bs + p % bs for b, p in rows])
+        ctx = torch.tensor([[blocks[b][j // bs] * bs + j % bs for j in range(nblk * bs)] for b, _ in rows])
+        logits = dec(torch.tensor([SEQS[b][p] for b, p in rows]), cos, sin, pool, write, ctx, pos + 1)
+        for (b, _), row in zip(rows, logits):
+            got[b].append(row)
+    with torch.no_grad():
+        ref = float64_reference(model)
+        for b, q in enumerate(SEQS):
+            want = ref(torch.tensor([q]))[0]
+            err = float((torch.stack(got[b]).double() - want).abs().max() / want.abs().max())
+            assert err < 2e-6, (b, err)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .device import release_heap
@@ -237,6 +238,11 @@ def _memory_budget_bytes(device: torch.device) -> int:
         return 4 << 30
 
 
+# Steps of at most this many tokens (decode rows and prompt chunks) run wholly in the native step; a
+# longer prefill goes through the model, whose large matrix products are more efficient per token.
+NATIVE_MAX_ROWS = 48
+
+
 def _bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -254,7 +260,7 @@ class Engine:
     max_concurrency: sequences running at once. max_queue: waiting requests beyond those.
     max_model_len: cap on prompt + generated tokens (default: the model's context, for sequences
     that give no max_len of their own; set explicitly, it caps every sequence). prefill_budget: prompt tokens per
-    step (None: adaptive, so that a step with prefill costs about two decode steps while streams
+    step (None: adaptive, so that a step with prefill costs about 2.5 decode steps while streams
     are decoding). kv_cache_tokens: the most positions the pool may hold (default:
     max_concurrency x max_model_len, within 40% of free memory). compile: "auto", True or False.
     """
@@ -279,8 +285,8 @@ class Engine:
         self._kv: PagedKV | None = None
         self._blocks: BlockTable | None = None
         self._seq_time = 5.0  # moving average of a sequence's running time, for Retry-After
-        self._decode_time: float | None = None  # moving averages for the adaptive prefill budget
-        self._prefill_time: float | None = None  # seconds per prompt token
+        self._decode_time: float | None = None  # moving average, for the adaptive prefill budget
+        self._prefill_costs: deque[tuple[int, float]] = deque(maxlen=32)  # (prompt tokens, seconds) of steps
         self._compiled = None
         self._admissions = self._native_seen = 0
         self.configure(max_concurrency=max_concurrency, max_queue=max_queue, max_model_len=max_model_len,
@@ -562,9 +568,15 @@ class Engine:
             return self.prefill_budget
         if n_decode == 0:
             return 2048
-        if self._decode_time is None or self._prefill_time is None:
-            return 32
-        return int(min(2048, max(8, self._decode_time / self._prefill_time)))
+        cost = self._prefill_cost()
+        if self._decode_time is None or cost is None:
+            return 16
+        # The chunk may take 1.5 decode steps: a step that prefills then costs ~2.5 decode steps.
+        fixed, per = cost
+        budget = int(min(2048, max(8, (1.5 * self._decode_time - fixed) / per)))
+        if self.decoder == "native":  # stay within one native step (a step beyond it prefills through the model)
+            budget = min(budget, max(8, NATIVE_MAX_ROWS - n_decode))
+        return budget
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prompt tokens of `seq` to prefill now: within the step's budget, and few enough that the
@@ -707,9 +719,10 @@ class Engine:
                 select.append(len(ids) - 1)
                 sampled.append(s)
         decode_only = nd == len(plan)
-        native = self.decoder == "native" and nd > 0 and self._native_decoder() is not None
-        compiled = self.compile and decode_only and not native
         N = len(ids)
+        native = self.decoder == "native" and (nd > 0 or N <= NATIVE_MAX_ROWS) and self._native_decoder() is not None
+        whole = native and N <= NATIVE_MAX_ROWS  # prompt chunks in the native step too (else beside it)
+        compiled = self.compile and decode_only and not native
         if compiled:  # padded to a bucketed batch size: few shapes to compile
             pad = _bucket(N) - N
             ids, pos, tot, slots = ids + [0] * pad, pos + [0] * pad, tot + [1] * pad, slots + [0] * pad
@@ -724,7 +737,7 @@ class Engine:
             dslots = (table[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)
             lens = torch.tensor([s.computed + 1 if s else 1 for s in rows], device=dev)
             dmask = None if native else (torch.arange(nb * bs, device=dev) < lens[:, None])[:, None, None]
-        chunks, start = [], 0 if native else nd  # native: the chunks run as a batch of their own
+        chunks, start = [], 0 if native else nd  # beside a native step the chunks run as a batch of their own
         for s, n in plan[nd:]:
             c = s.computed
             table = torch.tensor(s.blocks[:-(-(c + n) // bs)], device=dev)
@@ -734,7 +747,16 @@ class Engine:
         write = torch.tensor(slots, device=dev)
         cos, sin = rope_cos_sin(self.model.config, pos_t, tot_t)
         ids_t = torch.tensor([ids], device=dev)
-        if native:  # the one-token rows in the native step; prompt chunks beside them through the model
+        if whole:  # each chunk row attends over its own prefix, as a decode row would
+            S = max(([dslots.shape[1]] if nd else []) + [c + n for _, n, _, c in chunks])
+            ctx = [F.pad(dslots, (0, S - dslots.shape[1]))] if nd else []
+            ctx_lens = [lens] if nd else []
+            for _, n, slots_c, c in chunks:
+                ctx.append(F.pad(slots_c, (0, S - len(slots_c))).expand(n, S))
+                ctx_lens.append(torch.arange(c + 1, c + n + 1, device=dev))
+            sel = torch.tensor(select, dtype=torch.long, device=dev)
+            logits = self._native(ids_t[0], cos, sin, self._kv, write, torch.cat(ctx), torch.cat(ctx_lens), select=sel)
+        elif native:  # the one-token rows in the native step; prompt chunks beside them through the model
             logits = self._native(ids_t[0, :nd], cos[:nd], sin[:nd], self._kv, write[:nd], dslots, lens)
             logits = logits[torch.tensor([i for i in select if i < nd], dtype=torch.long, device=dev)]
             if chunks:
@@ -795,10 +817,25 @@ class Engine:
     def _time_step(self, seconds: float, n_decode: int, n_prefill: int) -> None:
         if n_prefill == 0:
             self._decode_time = seconds if self._decode_time is None else 0.8 * self._decode_time + 0.2 * seconds
-        elif n_prefill >= 8:
+        else:
             part = seconds - ((self._decode_time or 0.0) if n_decode else 0.0)
-            per = max(part, 1e-6) / n_prefill
-            self._prefill_time = per if self._prefill_time is None else 0.7 * self._prefill_time + 0.3 * per
+            self._prefill_costs.append((n_prefill, max(part, 1e-6)))
+
+    def _prefill_cost(self) -> tuple[float, float] | None:
+        """(seconds per step that prefills, seconds per prompt token) fitted to the recent such steps: a
+        prefill pass has a fixed cost (hundreds of operator calls) that a per-token average misses, and
+        chunks of a long prompt grow dearer as their context does."""
+        pts = list(self._prefill_costs)
+        if not pts:
+            return None
+        n = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+        t = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+        if len(pts) >= 4 and float(n.var()) > 0:
+            per = float(((n - n.mean()) * (t - t.mean())).sum() / ((n - n.mean()) ** 2).sum())
+            fixed = float(t.mean() - per * n.mean())
+            if per > 0 and fixed >= 0:
+                return fixed, per
+        return 0.0, float(t.sum() / n.sum())
 
     def _register(self, seq: Sequence) -> None:
         """Enter the sequence's newly completed full blocks (prompt or answer) into the prefix cache."""

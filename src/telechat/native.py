@@ -118,9 +118,11 @@ class NativeDecoder:
 
     @torch.inference_mode()
     def __call__(self, ids: Tensor, cos: Tensor, sin: Tensor, pool: PagedKV, write_slots: Tensor,
-                 ctx_slots: Tensor, ctx_lens: Tensor) -> Tensor:
-        """Logits [B, V] (fp32) of decode rows `ids` [B]: cos/sin [B, head_dim], the pool the rows' keys
-        and values go to (`write_slots` [B]) and are read from (`ctx_slots` [B, S], first `ctx_lens` [B])."""
+                 ctx_slots: Tensor, ctx_lens: Tensor, select: Tensor | None = None) -> Tensor:
+        """Logits [B, V] (fp32) of rows `ids` [B], one token each: cos/sin [B, head_dim], the pool the rows'
+        keys and values go to (`write_slots` [B]) and are read from (`ctx_slots` [B, S], first `ctx_lens`
+        [B]). Every row's key/value is written before any row attends, so the rows of a prompt chunk
+        (each with its own context length) attend causally within it. select: logits of these rows only."""
         t = self.model.transformer
         h = t.word_embeddings(ids)
         if self.model.config.embed_layernorm:
@@ -128,9 +130,11 @@ class NativeDecoder:
         h = h.float().contiguous()
         h = self.stack.step(h, cos.float().contiguous(), sin.float().contiguous(), pool.k, pool.v,
                             write_slots.contiguous(), ctx_slots.contiguous(), ctx_lens.contiguous())
+        if select is not None:
+            h = h[select]
         x = t.ln_f(h.to(t.ln_f.weight.dtype))
         head = self.model.lm_head
-        if type(head) in (nn.Linear, DecodeLinear) and head.weight.dtype in _DENSE and len(ids) <= HALF_MAX_ROWS \
+        if type(head) in (nn.Linear, DecodeLinear) and head.weight.dtype in _DENSE and len(x) <= HALF_MAX_ROWS \
                 and not _altered(head):
             # fp32 sums over the weight as stored, on every core (BLAS's one-row path takes one)
             return torch.ops.telechat.hlinear(x.float(), head.weight, None if head.bias is None else head.bias.float())

@@ -265,14 +265,16 @@ class DecodeStack : public torch::CustomClassHolder {
                 barrier_.wait();
                 project(L.mlp_in, x_.data(), B, tid, nt);
                 barrier_.wait();
-                if (tid == 0) {
-                    for (int64_t b = 0; b < B; b++) {
-                        const float *g = y_.data() + b * 2 * F_, *u = g + F_;
-                        float *a = x_.data() + b * F_;
-                        for (int64_t i = 0; i < F_; i++) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+                {  // SwiGLU, each thread its share of the B x F products
+                    const int64_t n = B * F_, i0 = n * tid / nt, i1 = n * (tid + 1) / nt;
+                    for (int64_t i = i0; i < i1; i++) {
+                        const int64_t b = i / F_, c = i % F_;
+                        const float g = y_[b * 2 * F_ + c], u = y_[b * 2 * F_ + F_ + c];
+                        x_[i] = g / (1.f + std::exp(-g)) * u;
                     }
-                    prepare(L.down, x_.data(), B);
                 }
+                barrier_.wait();
+                if (tid == 0) prepare(L.down, x_.data(), B);
                 barrier_.wait();
                 project(L.down, x_.data(), B, tid, nt);
                 barrier_.wait();

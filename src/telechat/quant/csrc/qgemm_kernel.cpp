@@ -347,41 +347,76 @@ inline vf bf16_odd(__m256i w) { return _mm256_castsi256_ps(_mm256_and_si256(w, _
 inline __m256i load_pairs(const uint16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 #endif
 
-void dgemm_bf16(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
-                int64_t n0, int64_t n1) {
-    constexpr int64_t B2 = 2 * VW;
-    // Scratch without std::vector: an inline template instantiated here, with this file's vector flags,
-    // could become the copy the whole library links to.
-    thread_local float *buf = nullptr;
-    thread_local int64_t cap = 0;
-    if (cap < M * K) {
-        std::free(buf);
-        buf = (float *)std::malloc(sizeof(float) * M * K);
-        cap = buf ? M * K : 0;
-        if (!buf) return dgemm_t<1>(x, w, bias, y, M, N, K, n0, n1);
+template <int T> inline void load_block(const char *w, int64_t k, vf &a, vf &b) {
+    if constexpr (T == 1) {
+        const auto p = load_pairs((const uint16_t *)w + k);
+        a = bf16_even(p);
+        b = bf16_odd(p);
+    } else {
+        a = vload<T>(w, k);
+        b = vload<T>(w, k + VW);
     }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < K; b += B2)
-            for (int64_t i = 0; i < VW; i++) {
-                buf[m * K + b + i] = x[m * K + b + 2 * i];
-                buf[m * K + b + VW + i] = x[m * K + b + 2 * i + 1];
-            }
-    const float *xp = buf;
-    constexpr int R = 4;  // weight rows per pass: four memory streams, R x MR independent sums
-    int64_t n = n0;
-    for (; n < n1; n += R) {
-        const int r_n = n1 - n < R ? (int)(n1 - n) : R;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = xp + m * K;
-            vf a[R] = {vzero(), vzero(), vzero(), vzero()};
+}
+
+// y = x W^T for K a multiple of 2 VW, in tiles of MR activation rows x R weight rows (16 independent sums;
+// each weight vector loaded once per tile); bf16 weights as even/odd halves against rearranged activations.
+template <int T>
+void dgemm_tiled(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                 int64_t n0, int64_t n1) {
+    constexpr int64_t B2 = 2 * VW, es = T == 0 ? 4 : 2;
+    constexpr int R = 4, MR = 4;
+    const float *xp = x;
+    if constexpr (T == 1) {
+        // Scratch without std::vector: an inline template instantiated here, with this file's vector
+        // flags, could become the copy the whole library links to.
+        thread_local float *buf = nullptr;
+        thread_local int64_t cap = 0;
+        if (cap < M * K) {
+            std::free(buf);
+            buf = (float *)std::malloc(sizeof(float) * M * K);
+            cap = buf ? M * K : 0;
+            if (!buf) return dgemm_t<1>(x, w, bias, y, M, N, K, n0, n1);
+        }
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t b = 0; b < K; b += B2)
+                for (int64_t i = 0; i < VW; i++) {
+                    buf[m * K + b + i] = x[m * K + b + 2 * i];
+                    buf[m * K + b + VW + i] = x[m * K + b + 2 * i + 1];
+                }
+        xp = buf;
+    }
+    for (int64_t n = n0; n < n1; n += R) {
+        const int rn = n1 - n < R ? (int)(n1 - n) : R;
+        const char *wr[R];
+        for (int r = 0; r < R; r++) wr[r] = (const char *)w + (n + (r < rn ? r : 0)) * K * es;  // spare: row n again
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR) {
+            vf acc[MR][R];
+            for (int i = 0; i < MR; i++)
+                for (int r = 0; r < R; r++) acc[i][r] = vzero();
             for (int64_t k = 0; k < K; k += B2) {
-                const vf xe = vloadf(xm + k), xo = vloadf(xm + k + VW);
-                for (int r = 0; r < r_n; r++) {
-                    const auto wv = load_pairs(w + (n + r) * K + k);
-                    a[r] = vfma(bf16_even(wv), xe, vfma(bf16_odd(wv), xo, a[r]));
+                vf wa[R], wb[R];
+                for (int r = 0; r < R; r++) load_block<T>(wr[r], k, wa[r], wb[r]);
+                for (int i = 0; i < MR; i++) {
+                    const vf xa = vloadf(xp + (m + i) * K + k), xb = vloadf(xp + (m + i) * K + k + VW);
+                    for (int r = 0; r < R; r++) acc[i][r] = vfma(wa[r], xa, vfma(wb[r], xb, acc[i][r]));
                 }
             }
-            for (int r = 0; r < r_n; r++) y[m * N + n + r] = vsum(a[r]) + (bias ? bias[n + r] : 0.f);
+            for (int i = 0; i < MR; i++)
+                for (int r = 0; r < rn; r++) y[(m + i) * N + n + r] = vsum(acc[i][r]) + (bias ? bias[n + r] : 0.f);
+        }
+        for (; m < M; m++) {
+            const float *xm = xp + m * K;
+            vf acc[R] = {vzero(), vzero(), vzero(), vzero()};
+            for (int64_t k = 0; k < K; k += B2) {
+                const vf xa = vloadf(xm + k), xb = vloadf(xm + k + VW);
+                for (int r = 0; r < R; r++) {
+                    vf wa, wb;
+                    load_block<T>(wr[r], k, wa, wb);
+                    acc[r] = vfma(wa, xa, vfma(wb, xb, acc[r]));
+                }
+            }
+            for (int r = 0; r < rn; r++) y[m * N + n + r] = vsum(acc[r]) + (bias ? bias[n + r] : 0.f);
         }
     }
 }
@@ -461,10 +496,15 @@ void TC_FN(telechat_qgemm)(const int8_t *xq, const float *xd8, const float *xsg,
 // y [M, N] rows n0..n1 = x [M, K] fp32 times w [N, K] of element type wtype (0 fp32, 1 bf16, 2 half), in fp32.
 void TC_FN(telechat_dgemm)(const float *x, const void *w, int wtype, const float *bias, float *y, int64_t M, int64_t N,
                            int64_t K, int64_t n0, int64_t n1) {
-    if (wtype == 0) dgemm_t<0>(x, w, bias, y, M, N, K, n0, n1);
 #if TELECHAT_ISA >= 1
-    else if (wtype == 1 && K % (2 * VW) == 0) dgemm_bf16(x, (const uint16_t *)w, bias, y, M, N, K, n0, n1);
+    if (K % (2 * VW) == 0) {
+        if (wtype == 0) dgemm_tiled<0>(x, w, bias, y, M, N, K, n0, n1);
+        else if (wtype == 1) dgemm_tiled<1>(x, w, bias, y, M, N, K, n0, n1);
+        else dgemm_tiled<2>(x, w, bias, y, M, N, K, n0, n1);
+        return;
+    }
 #endif
+    if (wtype == 0) dgemm_t<0>(x, w, bias, y, M, N, K, n0, n1);
     else if (wtype == 1) dgemm_t<1>(x, w, bias, y, M, N, K, n0, n1);
     else dgemm_t<2>(x, w, bias, y, M, N, K, n0, n1);
 }
