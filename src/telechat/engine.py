@@ -260,7 +260,7 @@ class Engine:
     max_concurrency: sequences running at once. max_queue: waiting requests beyond those.
     max_model_len: cap on prompt + generated tokens (default: the model's context, for sequences
     that give no max_len of their own; set explicitly, it caps every sequence). prefill_budget: prompt tokens per
-    step (None: adaptive, so that a step with prefill costs about 2.5 decode steps while streams
+    step (None: adaptive, so that a step with prefill costs about two decode steps while streams
     are decoding). kv_cache_tokens: the most positions the pool may hold (default:
     max_concurrency x max_model_len, within 40% of free memory). compile: "auto", True or False.
     """
@@ -571,9 +571,9 @@ class Engine:
         cost = self._prefill_cost()
         if self._decode_time is None or cost is None:
             return 16
-        # The chunk may take 1.5 decode steps: a step that prefills then costs ~2.5 decode steps.
+        # The chunk may take as long as a decode step: a step that prefills then costs ~2 decode steps.
         fixed, per = cost
-        budget = int(min(2048, max(8, (1.5 * self._decode_time - fixed) / per)))
+        budget = int(min(2048, max(8, (self._decode_time - fixed) / per)))
         if self.decoder == "native":  # stay within one native step (a step beyond it prefills through the model)
             budget = min(budget, max(8, NATIVE_MAX_ROWS - n_decode))
         return budget
