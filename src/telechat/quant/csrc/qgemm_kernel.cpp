@@ -269,7 +269,7 @@ template <int T> inline float dot_t(const float *x, const void *w, int64_t n) {
         a1 = vfma(vload<T>(w, i + VW), vloadf(x + i + VW), a1);
     }
     for (; i + VW <= n; i += VW) a0 = vfma(vload<T>(w, i), vloadf(x + i), a0);
-    t = vsum(a0) + vsum(a1);
+    t = vsum(vfma(a1, vset(1.f), a0));  // one horizontal sum
 #endif
     for (; i < n; i++) t += sload<T>(w, i) * x[i];
     return t;
@@ -422,6 +422,37 @@ void dgemm_tiled(const float *x, const void *w, const float *bias, float *y, int
 }
 #endif
 
+// e^x for a vector (x <= 88), Cephes' single-precision polynomial: within 2 ulp of expf.
+#if TELECHAT_ISA >= 1
+inline vf vexp(vf x) {
+#if TELECHAT_ISA == 2
+    x = _mm512_max_ps(x, vset(-87.3f));
+    const vf n = _mm512_roundscale_ps(vfma(x, vset(1.44269504088896341f), vset(0.5f)),
+                                      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+    x = _mm256_max_ps(x, vset(-87.3f));
+    const vf n = _mm256_floor_ps(vfma(x, vset(1.44269504088896341f), vset(0.5f)));
+#endif
+    x = vfma(n, vset(-0.693359375f), x);
+    x = vfma(n, vset(2.12194440e-4f), x);
+    vf y = vset(1.9875691500e-4f);
+    y = vfma(y, x, vset(1.3981999507e-3f));
+    y = vfma(y, x, vset(8.3334519073e-3f));
+    y = vfma(y, x, vset(4.1665795894e-2f));
+    y = vfma(y, x, vset(1.6666665459e-1f));
+    y = vfma(y, x, vset(5.0000001201e-1f));
+#if TELECHAT_ISA == 2
+    y = _mm512_add_ps(vfma(y, _mm512_mul_ps(x, x), x), vset(1.f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+#else
+    y = _mm256_add_ps(vfma(y, _mm256_mul_ps(x, x), x), vset(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+#endif
+}
+#endif
+
 template <int T>
 void attend_t(const float *q, const char *k, const char *v, int64_t stride, const int64_t *slots, int64_t S, int64_t d,
               float scale, float *out, float *p) {
@@ -432,7 +463,17 @@ void attend_t(const float *q, const char *k, const char *v, int64_t stride, cons
         mx = std::fmax(mx, p[s]);
     }
     float sum = 0.f;
-    for (int64_t s = 0; s < S; s++) sum += (p[s] = std::exp(p[s] - mx));
+    int64_t s = 0;
+#if TELECHAT_ISA >= 1
+    vf acc = vzero();
+    for (; s + VW <= S; s += VW) {
+        const vf e = vexp(vfma(vloadf(p + s), vset(1.f), vset(-mx)));
+        vstore(p + s, e);
+        acc = vfma(e, vset(1.f), acc);
+    }
+    sum = vsum(acc);
+#endif
+    for (; s < S; s++) sum += (p[s] = std::exp(p[s] - mx));
     const float inv = 1.f / sum;
     for (int64_t i = 0; i < d; i++) out[i] = 0.f;
     for (int64_t s = 0; s < S; s++) axpy_t<T>(p[s] * inv, v + slots[s] * stride * es, out, d);
