@@ -128,7 +128,6 @@ def _register_fakes() -> None:
 _loaded: dict[str, bool] = {}  # read, not called, inside compiled graphs
 
 
-@torch.compiler.disable
 def _load() -> bool:
     _loaded["ok"] = _library() is not None
     return _loaded["ok"]
@@ -136,7 +135,11 @@ def _load() -> bool:
 
 def available() -> bool:
     ok = _loaded.get("ok")
-    return _load() if ok is None else ok
+    if ok is not None:
+        return ok
+    if torch.compiler.is_compiling():  # traced: build and load outside the graph
+        return torch.compiler.disable(_load)()
+    return _load()  # (no decorator at import: torch.compiler.disable imports torch._dynamo, ~150 MiB)
 
 
 def cpu_isa(want: str = "") -> str:
