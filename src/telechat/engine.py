@@ -241,6 +241,9 @@ def _memory_budget_bytes(device: torch.device) -> int:
 # Steps of at most this many tokens (decode rows and prompt chunks) run wholly in the native step; a
 # longer prefill goes through the model, whose large matrix products are more efficient per token.
 NATIVE_MAX_ROWS = 48
+# The fewest prompt tokens a step carries beside running streams: late chunks of a long prompt attend
+# over all of it, and even a few such rows can cost more than the decode rows they delay.
+MIN_CHUNK = 2
 
 
 def _bucket(n: int) -> int:
@@ -573,9 +576,9 @@ class Engine:
             return 16
         # The chunk may take as long as a decode step: a step that prefills then costs ~2 decode steps.
         fixed, per = cost
-        budget = int(min(2048, max(8, (self._decode_time - fixed) / per)))
+        budget = int(min(2048, max(MIN_CHUNK, (self._decode_time - fixed) / per)))
         if self.decoder == "native":  # stay within one native step (a step beyond it prefills through the model)
-            budget = min(budget, max(8, NATIVE_MAX_ROWS - n_decode))
+            budget = min(budget, max(MIN_CHUNK, NATIVE_MAX_ROWS - n_decode))
         return budget
 
     def _chunk(self, seq: Sequence, budget: int) -> int:

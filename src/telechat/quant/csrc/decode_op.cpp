@@ -211,6 +211,8 @@ class DecodeStack : public torch::CustomClassHolder {
         att_.resize(B * nq);
         y_.resize(B * widest);
         scores_.resize(B * nh_ * S);
+        cost_.assign(B * nh_ + 1, 0);  // cost_[i]: the attention work of items before i
+        for (int64_t i = 0; i < B * nh_; i++) cost_[i + 1] = cost_[i] + cl[i / nh_] + 16;
         // One parallel region for the whole step (a fork/join per projection costs more than the
         // projection on small models): each thread takes its share of every projection's outputs and of
         // the attention heads; the small row-wise steps run on one thread between barriers.
@@ -244,7 +246,13 @@ class DecodeStack : public torch::CustomClassHolder {
                 barrier_.wait();
                 {
                     float qr[512];
-                    const int64_t n = B * nh_, i0 = n * tid / nt, i1 = n * (tid + 1) / nt;
+                    // Items split by their context lengths (a prompt chunk's rows at a long context cost
+                    // far more than decode rows), not by count.
+                    const int64_t total = cost_.back();
+                    const int64_t i0 = std::lower_bound(cost_.begin(), cost_.end(), total * tid / nt) - cost_.begin(),
+                                  i1 = tid + 1 == nt ? B * nh_
+                                                     : std::lower_bound(cost_.begin(), cost_.end(),
+                                                                        total * (tid + 1) / nt) - cost_.begin();
                     for (int64_t i = i0; i < i1; i++) {
                         const int64_t b = i / nh_, hh = i % nh_, j = hh / group;
                         rope(y_.data() + b * (nq + 2 * nkv_ * d) + hh * d, cp + b * d, sp + b * d, qr);
@@ -293,6 +301,7 @@ class DecodeStack : public torch::CustomClassHolder {
     const telechat::Isa *isa_ = nullptr;
     SpinBarrier barrier_;
     std::vector<float> x_, att_, y_, scores_;
+    std::vector<int64_t> cost_;
     // The current projection's input rounded to int8 (one set per part: parts may differ in group size).
     std::vector<std::vector<int8_t>> xq_{2};
     std::vector<std::vector<float>> xd_{2}, xs_{2};
