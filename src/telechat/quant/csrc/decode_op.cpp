@@ -86,11 +86,6 @@ class SpinBarrier {
     std::atomic<int> count_{0}, gen_{0};
 };
 
-struct Out {  // where a part of a projection's output lives: row r at ptr + r * stride
-    const float *ptr;
-    int64_t stride;
-};
-
 class DecodeStack : public torch::CustomClassHolder {
    public:
     DecodeStack(int64_t hidden, int64_t n_head, int64_t n_kv, int64_t head_dim, int64_t ffn, double eps)
