@@ -199,6 +199,9 @@ def test_decoder_choice(tiny, monkeypatch):
     assert choose_decoder(tiny.model, cpu, compile=False) == "eager"
     monkeypatch.setenv("TELECHAT_DECODER", "eager")
     assert choose_decoder(tiny.model, cpu) == "eager"
+    monkeypatch.setenv("TELECHAT_DECODER", "fastest")
+    with pytest.warns(UserWarning, match="TELECHAT_DECODER='fastest' is not one of"):
+        assert choose_decoder(tiny.model, cpu) == "native"
     tiny.model.train()
     assert unsupported(tiny.model) == "in training mode"
     tiny.model.eval()

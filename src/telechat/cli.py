@@ -33,7 +33,7 @@ Ctrl-C stops the answer being written."""
 # ---- verbs ---------------------------------------------------------------------------------------
 def _load_for_inference(model: str, device: str, dtype: str, compile: bool | None, adapter: str | None = None,
                         rope_scaling: str | None = None):
-    """Load for chat/serve/eval and say on stderr what runs where (device, dtype, compiled decode)."""
+    """Load for chat/serve/eval and say on stderr what runs where (device, dtype, decode step)."""
     from . import load
     from .device import describe
 
@@ -76,8 +76,10 @@ def chat(model: str = "default", prompt: str | None = None, device: str = "auto"
         top_p: nucleus sampling mass.
         repetition_penalty: penalty on tokens already in the conversation (1 = none).
         seed: random seed, for reproducible sampling.
-        compile: run the decode step under torch.compile (default: where it is faster, i.e. on GPUs and
-            for float models of 50M+ parameters on CPU; compiled once, then cached on disk).
+        compile: --compile runs the decode step under torch.compile, --no-compile in plain eager
+            PyTorch (default: the fastest the machine has: on CPU the native step, every decoder block
+            in one C++ operator, where the model's layers allow it; else torch.compile on GPUs and for
+            float models of 50M+ parameters, compiled once and cached on disk; else eager).
         adapter: a LoRA adapter folder (PEFT format, e.g. a checkpoint of `telechat train --lora-dim`)
             trained on --model. Over a float model it is merged into the weights at load (decoding
             costs what the base costs; nothing is written); over a GPTQ model it is kept beside the
@@ -261,7 +263,8 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
         header_timeout: seconds a client has to send complete request headers.
         keep_alive_timeout: seconds an idle keep-alive connection stays open.
         body_timeout: seconds a client has to send a request body once its headers are in (else 408).
-        compile: compile the decode step (default: where it is faster; see `telechat chat --help`).
+        compile: --compile: torch.compile the decode step; --no-compile: plain eager (default: the fastest
+            the machine has; see `telechat chat --help`).
         prefill_budget: prompt tokens prefilled per engine step (default: adaptive, so a long prompt
             delays running streams by about one decode step).
         adapter: a LoRA adapter folder trained on --model, applied at load: merged into the weights of

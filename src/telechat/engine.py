@@ -215,6 +215,11 @@ def choose_decoder(model, device: torch.device, compile: bool | str = "auto") ->
     False for plain eager torch; "auto" takes native where it runs, else compiles where that pays.
     TELECHAT_DECODER=native|compiled|eager overrides "auto"."""
     want = os.environ.get("TELECHAT_DECODER", "") if compile == "auto" else ("compiled" if compile else "eager")
+    if want not in ("", "auto", "native", "compiled", "eager"):
+        import warnings
+
+        warnings.warn(f"telechat: TELECHAT_DECODER={want!r} is not one of native, compiled, eager, auto; using auto",
+                      stacklevel=2)
     if want in ("compiled", "eager"):
         return want
     if device.type == "cpu":
