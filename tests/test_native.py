@@ -197,6 +197,9 @@ def test_decoder_choice(tiny, monkeypatch):
     assert choose_decoder(tiny.model, cpu) == "native"
     assert choose_decoder(tiny.model, cpu, compile=True) == "compiled"
     assert choose_decoder(tiny.model, cpu, compile=False) == "eager"
+    for wrong in ("native", "yes", 1):
+        with pytest.raises(ValueError, match="compile must be True"):
+            tiny.generate([1, 2, 3], max_new_tokens=2, compile=wrong)
     monkeypatch.setenv("TELECHAT_DECODER", "eager")
     assert choose_decoder(tiny.model, cpu) == "eager"
     monkeypatch.setenv("TELECHAT_DECODER", "fastest")

@@ -214,6 +214,8 @@ def choose_decoder(model, device: torch.device, compile: bool | str = "auto") ->
     model's layers allow), "compiled" (torch.compile) or "eager". compile=True asks for torch.compile,
     False for plain eager torch; "auto" takes native where it runs, else compiles where that pays.
     TELECHAT_DECODER=native|compiled|eager overrides "auto"."""
+    if compile not in (True, False, "auto") or not isinstance(compile, (bool, str)):
+        raise ValueError(f"compile must be True (torch.compile), False (eager) or 'auto', got {compile!r}")
     want = os.environ.get("TELECHAT_DECODER", "") if compile == "auto" else ("compiled" if compile else "eager")
     if want not in ("", "auto", "native", "compiled", "eager"):
         import warnings
