@@ -835,17 +835,18 @@ class Engine:
         """(seconds per step that prefills, seconds per prompt token) fitted to the recent such steps: a
         prefill pass has a fixed cost (hundreds of operator calls) that a per-token average misses, and
         chunks of a long prompt grow dearer as their context does."""
-        pts = list(self._prefill_costs)
+        pts = self._prefill_costs
         if not pts:
             return None
-        n = torch.tensor([p[0] for p in pts], dtype=torch.float64)
-        t = torch.tensor([p[1] for p in pts], dtype=torch.float64)
-        if len(pts) >= 4 and float(n.var()) > 0:
-            per = float(((n - n.mean()) * (t - t.mean())).sum() / ((n - n.mean()) ** 2).sum())
-            fixed = float(t.mean() - per * n.mean())
+        n_mean = sum(n for n, _ in pts) / len(pts)
+        t_mean = sum(t for _, t in pts) / len(pts)
+        spread = sum((n - n_mean) ** 2 for n, _ in pts)
+        if len(pts) >= 4 and spread > 0:  # least squares: t = fixed + per * n
+            per = sum((n - n_mean) * (t - t_mean) for n, t in pts) / spread
+            fixed = t_mean - per * n_mean
             if per > 0 and fixed >= 0:
                 return fixed, per
-        return 0.0, float(t.sum() / n.sum())
+        return 0.0, t_mean / n_mean
 
     def _register(self, seq: Sequence) -> None:
         """Enter the sequence's newly completed full blocks (prompt or answer) into the prefix cache."""

@@ -289,28 +289,7 @@ template <int T>
 void dgemm_t(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t n0,
              int64_t n1) {
     const int64_t es = T == 0 ? 4 : 2;
-    int64_t n = n0;
-#if TELECHAT_ISA >= 1
-    if (M < 4)  // few rows: four weight rows at a time (four memory streams, four independent sums)
-        for (; n + 4 <= n1; n += 4) {
-            const char *w0 = (const char *)w + n * K * es;
-            for (int64_t m = 0; m < M; m++) {
-                const float *xm = x + m * K;
-                vf a[4] = {vzero(), vzero(), vzero(), vzero()};
-                int64_t k = 0;
-                for (; k + VW <= K; k += VW) {
-                    const vf xv = vloadf(xm + k);
-                    for (int r = 0; r < 4; r++) a[r] = vfma(vload<T>(w0 + r * K * es, k), xv, a[r]);
-                }
-                for (int r = 0; r < 4; r++) {
-                    float t = vsum(a[r]);
-                    for (int64_t kk = k; kk < K; kk++) t += sload<T>(w0 + r * K * es, kk) * xm[kk];
-                    y[m * N + n + r] = t + (bias ? bias[n + r] : 0.f);
-                }
-            }
-        }
-#endif
-    for (; n < n1; n++) {
+    for (int64_t n = n0; n < n1; n++) {
         const void *wn = (const char *)w + n * K * es;
         const float b = bias ? bias[n] : 0.f;
         int64_t m = 0;
